@@ -1,0 +1,148 @@
+"""GaNDLF's model contract, shared by every family: parsed parameters, final layer, heads, patch checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gandlf_dimlift.options import PROBLEM_TYPES, ConfigError
+
+FINAL_LAYERS = ("sigmoid", "softmax", "logsoftmax", "tanh", "identity", "logits", "regression", "none")
+
+
+def layer(kind: str, dimension: int) -> type[nn.Module]:
+    """Returns the torch layer class of `kind` (e.g. "Conv", "BatchNorm", "MaxPool") for 1, 2 or 3 dimensions."""
+    return getattr(nn, f"{kind}{dimension}d")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What GaNDLF asks of a model, read from its parameters dictionary.
+
+    Attributes:
+        architecture: The `model.architecture` key.
+        dimension: 2 or 3.
+        in_channels: Input channels (`model.num_channels`).
+        n_outputs: Classes for segmentation and classification, targets for regression.
+        problem_type: One of segmentation, classification, regression.
+        final_layer: GaNDLF's `model.final_layer`, lowercased.
+        norm_type: batch, instance or none.
+        patch_size: Spatial patch size, one entry per dimension.
+        sigmoid_input_multiplier: GaNDLF's scale applied before a sigmoid final layer.
+    """
+
+    architecture: str
+    dimension: int
+    in_channels: int
+    n_outputs: int
+    problem_type: str
+    final_layer: str
+    norm_type: str
+    patch_size: tuple[int, ...]
+    sigmoid_input_multiplier: float = 1.0
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, Any]) -> ModelSpec:
+        model = parameters["model"]
+        dimension = int(model.get("dimension") or 3)
+        if dimension not in (2, 3):
+            raise ConfigError(f"model.dimension must be 2 or 3, not {dimension}.")
+        problem_type = parameters.get("problem_type")
+        if problem_type not in PROBLEM_TYPES:
+            raise ConfigError(
+                f"parameters['problem_type'] is {problem_type!r}; expected one of {list(PROBLEM_TYPES)}. "
+                "GaNDLF sets it from the CSV headers; set it yourself when building a model from Python."
+            )
+        n_outputs = model.get("num_classes") or len(model.get("class_list") or []) or 1
+        final_layer = str(model.get("final_layer", "none")).lower()
+        if final_layer not in FINAL_LAYERS:
+            raise ConfigError(f"model.final_layer = {final_layer!r}; choose one of {list(FINAL_LAYERS)}.")
+        patch = parameters.get("patch_size") or []
+        patch = [patch] * dimension if isinstance(patch, (int, float)) else list(patch)
+        if len(patch) < dimension:
+            raise ConfigError(f"patch_size {patch} has fewer than {dimension} entries for a {dimension}D model.")
+        return cls(
+            architecture=str(model.get("architecture", "")).lower(),
+            dimension=dimension,
+            in_channels=int(model.get("num_channels") or 3),
+            n_outputs=int(n_outputs),
+            problem_type=problem_type,
+            final_layer=final_layer,
+            norm_type=str(model.get("norm_type") or "batch").lower(),
+            patch_size=tuple(int(p) for p in patch[:dimension]),
+            sigmoid_input_multiplier=float(model.get("sigmoid_input_multiplier", 1.0)),
+        )
+
+    def norm(self, channels: int) -> nn.Module:
+        """A normalisation layer of GaNDLF's `norm_type` for this dimension."""
+        if self.norm_type == "batch":
+            return layer("BatchNorm", self.dimension)(channels)
+        if self.norm_type == "instance":
+            return layer("InstanceNorm", self.dimension)(channels, affine=True)
+        return nn.Identity()
+
+
+class FinalLayer(nn.Module):
+    """GaNDLF's `final_layer`, applied by the model itself (GaNDLF expects activated outputs)."""
+
+    def __init__(self, name: str, sigmoid_input_multiplier: float = 1.0):
+        super().__init__()
+        if name not in FINAL_LAYERS:
+            raise ConfigError(f"final_layer = {name!r}; choose one of {list(FINAL_LAYERS)}.")
+        self.name = name
+        self.sigmoid_input_multiplier = sigmoid_input_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "sigmoid":
+            return torch.sigmoid(x * self.sigmoid_input_multiplier)
+        if self.name == "softmax":
+            return torch.softmax(x, dim=1)
+        if self.name == "logsoftmax":
+            return torch.log_softmax(x, dim=1)
+        if self.name == "tanh":
+            return torch.tanh(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class PoolingHead(nn.Module):
+    """Global pooling over every spatial axis, dropout and a linear layer: the classification/regression head."""
+
+    def __init__(self, in_features: int, n_outputs: int, pooling: str = "avg", dropout: float = 0.0):
+        super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ConfigError(f"pooling = {pooling!r}; choose one of ['avg', 'max'].")
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_features, n_outputs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        flat = features.flatten(2)
+        pooled = flat.mean(-1) if self.pooling == "avg" else flat.amax(-1)
+        return self.linear(self.dropout(pooled))
+
+
+def check_divisible(patch_size: tuple[int, ...], divisors: tuple[int, ...], architecture: str, why: str) -> None:
+    """Raises ConfigError naming the first spatial axis whose size is not a multiple of its divisor."""
+    for axis, (size, divisor) in enumerate(zip(patch_size, divisors)):
+        if size % divisor:
+            lower = max(divisor, size - size % divisor)
+            upper = size - size % divisor + divisor
+            raise ConfigError(
+                f"patch_size axis {'xyz'[axis]} (index {axis}) is {size}, which is not divisible by {divisor} "
+                f"({why}) for {architecture}; the nearest valid sizes are {lower} and {upper}."
+            )
+
+
+def check_input(x: torch.Tensor, dimension: int, architecture: str) -> None:
+    """Raises a clear error when a tensor is not (B, C, *spatial) with `dimension` spatial axes."""
+    if x.dim() != dimension + 2:
+        layout = "(B, C, X, Y, Z)" if dimension == 3 else "(B, C, X, Y)"
+        raise ValueError(
+            f"{architecture} is a {dimension}D model and expects input {layout}; got shape {tuple(x.shape)}."
+        )

@@ -1,0 +1,191 @@
+"""Pretrained weights: the `pretrained` option, smp encoders with their weight tags, and weight files.
+
+Weights that were asked for and cannot be had are an error that says what was looked for where and how to
+provide it; nothing here ever falls back to random weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gandlf_dimlift.options import ConfigError
+
+NO_WEIGHTS = ("false", "none", "no", "")
+
+
+class WeightsError(RuntimeError):
+    """Requested pretrained weights could not be loaded."""
+
+
+def check_pretrained(value: Any) -> str | None:
+    """`Option.check` for `pretrained`: a file path must exist."""
+    choice = parse_pretrained(value)
+    if isinstance(choice, Path) and not choice.is_file():
+        return f"the weights file {choice} does not exist (a path, a weight tag such as 'imagenet', or false)."
+    return None
+
+
+def parse_pretrained(value: Any) -> None | str | Path:
+    """Maps the `pretrained` option to None (random init), a weight tag, or a file path."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "imagenet"
+    text = str(value).strip()
+    if text.lower() in NO_WEIGHTS:
+        return None
+    if text.lower() == "true":
+        return "imagenet"
+    looks_like_file = os.sep in text or text.endswith((".pth", ".pt", ".tar", ".bin", ".safetensors"))
+    return Path(text).expanduser() if looks_like_file or Path(text).is_file() else text
+
+
+def smp_encoder_names() -> list[str]:
+    import segmentation_models_pytorch as smp
+
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def check_encoder_name(name: str) -> str | None:
+    """`Option.check` for `encoder_name`: an smp encoder, or `tu-<timm model>`."""
+    if name.startswith("tu-"):
+        import timm
+
+        if timm.is_model(name[3:]):
+            return None
+        near = difflib.get_close_matches(name[3:], timm.list_models(), n=3)
+        return f"timm has no model {name[3:]!r}; nearest: {near}."
+    names = smp_encoder_names()
+    if name in names:
+        return None
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f"unknown smp encoder; nearest: {near}. All: {names}."
+
+
+def weight_tags(encoder_name: str) -> list[str]:
+    """The weight tags smp offers for an encoder (timm encoders: 'imagenet')."""
+    if encoder_name.startswith("tu-"):
+        return ["imagenet"]
+    import segmentation_models_pytorch as smp
+
+    return sorted(smp.encoders.encoders[encoder_name]["pretrained_settings"])
+
+
+def smp_encoder(name: str, in_channels: int = 3, depth: int = 5, weights: str | None = None) -> nn.Module:
+    """Builds an smp encoder through smp's own loader (download and cache), with a clear error offline.
+
+    Args:
+        name: smp encoder name (`tu-` for timm universal encoders).
+        in_channels: Input channels; smp adapts the first convolution (sum of RGB kernels for one channel).
+        depth: Encoder depth (number of downsampling stages).
+        weights: A weight tag (e.g. 'imagenet') or None for random initialisation.
+    """
+    import segmentation_models_pytorch as smp
+
+    message = check_encoder_name(name)
+    if message:
+        raise ConfigError(f"encoder_name = {name!r}: {message}")
+    if weights is not None and weights not in weight_tags(name):
+        raise ConfigError(
+            f"pretrained = {weights!r} is not a weight tag of {name}; it offers {weight_tags(name)}, "
+            "or give a weights file path, or false."
+        )
+    try:
+        return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights)
+    except Exception as error:  # offline, a corrupt cache file, a hub error: all mean "weights not available"
+        if weights is None:
+            raise
+        raise WeightsError(_missing_weights_message(name, weights, error)) from error
+
+
+def _missing_weights_message(name: str, weights: str, error: Exception) -> str:
+    if name.startswith("tu-"):
+        where = (
+            f"timm fetches {name[3:]} from the Hugging Face hub (cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')}). "
+            "Download it on a machine with network access into that cache, or save the 2D weights and set "
+            "`pretrained:` to the file path."
+        )
+    else:
+        import segmentation_models_pytorch as smp
+
+        url = smp.encoders.encoders[name]["pretrained_settings"][weights]["url"]
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        where = (
+            f"smp loads {url} through torch.hub into {cache} (set TORCH_HOME to move the cache). "
+            f"Download that file on a machine with network access and place it at {cache}, "
+            "or set `pretrained:` to a weights file path."
+        )
+    return f"Could not load the '{weights}' weights of encoder {name}: {type(error).__name__}: {error}. {where}"
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A weights file: a plain state dict, or a GaNDLF checkpoint with what its run directory says of it.
+
+    Attributes:
+        path: The file.
+        state_dict: The model weights.
+        architecture: The GaNDLF architecture that wrote it, when known (from parameters.pkl or the file name).
+        dimension: The GaNDLF model dimension that wrote it, when known.
+    """
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    architecture: str | None = None
+    dimension: int | None = None
+
+
+def read_weights_file(path: str | Path) -> WeightsFile:
+    """Reads a state dict or a GaNDLF `<arch>_best.pth.tar` checkpoint (with its run's `parameters.pkl`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"The weights file {path} does not exist; set `pretrained:` to an existing file or false.")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise WeightsError(f"Could not read weights file {path}: {type(error).__name__}: {error}") from error
+    architecture = dimension = None
+    if isinstance(content, dict) and "model_state_dict" in content:
+        state_dict = content["model_state_dict"]
+        parameters_file = path.parent / "parameters.pkl"
+        if parameters_file.is_file():
+            with open(parameters_file, "rb") as handle:
+                parameters = pickle.load(handle)
+            architecture = str(parameters["model"]["architecture"]).lower()
+            dimension = int(parameters["model"]["dimension"])
+        elif path.name.endswith(".pth.tar"):
+            architecture = path.name.rsplit("_", 1)[0]
+    elif isinstance(content, dict) and "state_dict" in content:
+        state_dict = content["state_dict"]
+    elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        state_dict = content
+    else:
+        raise WeightsError(f"{path} holds neither a state dict nor a GaNDLF checkpoint ({type(content).__name__}).")
+    return WeightsFile(path, state_dict, architecture, dimension)
+
+
+def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
+    """Loads every tensor of `module` from `state_dict[prefix + name]`, requiring names and shapes to match."""
+    own = module.state_dict()
+    wanted = {prefix + k: v for k, v in own.items()}
+    missing = sorted(k for k in wanted if k not in state_dict)
+    mismatched = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in wanted.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    )
+    if missing or mismatched:
+        details = "; ".join(([f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}"] if missing else []) + mismatched[:5])
+        raise WeightsError(
+            f"The weights in {source} do not fit this model ({len(missing)} missing, {len(mismatched)} of another "
+            f"shape: {details}). Check that the file comes from the same architecture and options."
+        )
+    module.load_state_dict({k: state_dict[prefix + k] for k in own})
