@@ -1,0 +1,294 @@
+"""Slice attention classifier: a 2D encoder embeds every slice, a pooling weighs the slices, a linear head predicts.
+
+After Ziller et al., "Interpretable 2D Vision Models for 3D Medical Images". All slices of all volumes of a batch
+go through the 2D encoder as one batch (or in chunks of `slice_chunk_size`), each slice's last feature map is
+averaged to one feature vector, and the pooling (by default multi-head attention whose query is the mean slice
+feature) returns the volume feature and one weight per slice. The weights of the last forward are kept in
+`last_slice_weights` (per view, `(B, n_slices)`) for the explanation tools; `forward` returns one tensor.
+
+GaNDLF's 3D layout is `(B, C, X, Y, Z)`: `slice_axis: z` (the default) takes the slices along the last axis;
+`all` takes the slices of the three views and pools them as one sequence under one softmax.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gandlf_dimlift import weights
+from gandlf_dimlift.models import common
+from gandlf_dimlift.models.slice_pooling import POOLINGS, SlicePositionEncoding, make_pooling
+from gandlf_dimlift.options import Architecture, ConfigError, Example, Option
+
+logger = logging.getLogger(__name__)
+
+KEY = "dimlift_slice_attention"
+SLICE_AXES = ("x", "y", "z", "all")
+VIEWS = ("x", "y", "z")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _at_least(minimum: int, what: str):
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        return None if value >= minimum else f"{what} must be at least {minimum}."
+
+    return check
+
+
+def _chunk_check(value: Any) -> str | None:
+    if value is None or value >= 1:
+        return None
+    return "the encoder needs at least 1 slice per chunk; give a positive number of slices, or null for all at once."
+
+
+class GreyToRGB(nn.Module):
+    """The fixed 1x1 convolution with unit weights that repeats a grey slice into the encoder's 3 channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, *x.shape[2:])
+
+
+class ImageNetNormalize(nn.Module):
+    """Maps intensities to ImageNet's per-channel mean and standard deviation (3-channel slices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def adapt_first_conv(encoder: nn.Module, in_channels: int) -> nn.Module:
+    """Adapts a 3-channel 2D encoder to `in_channels` input channels with the package's shared adaptation."""
+    try:
+        from gandlf_dimlift.lift import adapt_input_channels
+    except ImportError:  # the lifting core is not installed in this tree yet: smp's own first-conv patch
+        from segmentation_models_pytorch.encoders._utils import patch_first_conv
+
+        patch_first_conv(encoder, in_channels, default_in_channels=3, pretrained=True)
+        return encoder
+    adapted = adapt_input_channels(encoder, in_channels)
+    return encoder if adapted is None else adapted
+
+
+def _state_dict_prefix(own_keys: list[str], state_dict: dict[str, torch.Tensor]) -> str:
+    """The prefix under which `state_dict` holds every key of `own_keys` (e.g. 'encoder.' in a full model)."""
+    first = own_keys[0]
+    candidates = sorted({key[: -len(first)] for key in state_dict if key.endswith(first)}, key=len)
+    for prefix in candidates:
+        if all(prefix + key in state_dict for key in own_keys):
+            return prefix
+    return candidates[0] if candidates else ""
+
+
+def build_encoder(name: str, pretrained: Any, depth: int) -> nn.Module:
+    """A 3-channel 2D smp encoder with the requested pretrained weights (tag or file)."""
+    choice = weights.parse_pretrained(pretrained)
+    if isinstance(choice, str):
+        return weights.smp_encoder(name, in_channels=3, depth=depth, weights=choice)
+    encoder = weights.smp_encoder(name, in_channels=3, depth=depth, weights=None)
+    if choice is not None:
+        content = weights.read_weights_file(choice)
+        own = [k for k in encoder.state_dict() if not k.startswith("fc.")]
+        prefix = _state_dict_prefix(own, content.state_dict)
+        weights.load_matching(encoder, content.state_dict, str(choice), prefix=prefix)
+        logger.info("Loaded encoder %s from %s (prefix %r).", name, choice, prefix)
+    return encoder
+
+
+class SliceAttentionClassifier(nn.Module):
+    """A 2D encoder over every slice, slice pooling with explicit weights, and a linear classification head.
+
+    Args:
+        spec: GaNDLF's model contract (3D, classification or regression).
+        encoder_name: An smp encoder name.
+        pretrained: False, a weight tag, or a weights file.
+        encoder_depth: smp encoder depth; the deepest feature map is pooled per slice.
+        slice_axis: x, y, z, or all.
+        pooling: attention, gated, mean or max.
+        heads: Attention heads of `attention` pooling.
+        attention_hidden: Hidden size of `gated` pooling.
+        position_encoding: Add a learned encoding of each slice's relative position (and view).
+        slice_chunk_size: Slices per encoder call, or None for all slices of the batch at once.
+        checkpointing: Recompute the encoder's activations in the backward pass (training memory).
+        freeze_encoder_steps: Training steps during which the encoder gets no gradient.
+        imagenet_normalize: Map 3-channel slices to ImageNet's mean and standard deviation.
+        dropout: Dropout before the linear head.
+    """
+
+    def __init__(
+        self,
+        spec: common.ModelSpec,
+        encoder_name: str = "resnet18",
+        pretrained: Any = False,
+        encoder_depth: int = 5,
+        slice_axis: str = "z",
+        pooling: str = "attention",
+        heads: int = 8,
+        attention_hidden: int = 128,
+        position_encoding: bool = False,
+        slice_chunk_size: int | None = 64,
+        checkpointing: bool = False,
+        freeze_encoder_steps: int = 0,
+        imagenet_normalize: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if slice_axis not in SLICE_AXES:
+            raise ConfigError(f"model.slice_axis = {slice_axis!r}; choose one of {list(SLICE_AXES)}.")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling = {pooling!r}; choose one of {list(POOLINGS)}.")
+        if slice_chunk_size is not None and slice_chunk_size < 1:
+            raise ConfigError(
+                f"model.slice_chunk_size = {slice_chunk_size}: {_chunk_check(slice_chunk_size)}"
+            )
+        if imagenet_normalize and spec.in_channels not in (1, 3):
+            raise ConfigError(
+                f"model.imagenet_normalize needs 1 or 3 input channels, not {spec.in_channels}; "
+                "set imagenet_normalize: false and normalise in GaNDLF's data_preprocessing."
+            )
+        self.spec = spec
+        self.slice_axis = slice_axis
+        self.views = VIEWS if slice_axis == "all" else (slice_axis,)
+        self.slice_chunk_size = slice_chunk_size
+        self.checkpointing = checkpointing
+        self.freeze_encoder_steps = int(freeze_encoder_steps)
+        # Training steps seen, as a buffer: saved in checkpoints and broadcast by DDP like any buffer.
+        self.register_buffer("encoder_steps_done", torch.zeros((), dtype=torch.long))
+
+        self.to_rgb = GreyToRGB() if spec.in_channels == 1 else nn.Identity()
+        self.normalize = ImageNetNormalize() if imagenet_normalize else nn.Identity()
+        encoder = build_encoder(encoder_name, pretrained, encoder_depth)
+        self.encoder = encoder if spec.in_channels in (1, 3) else adapt_first_conv(encoder, spec.in_channels)
+        self.features = int(self.encoder.out_channels[-1])
+        self.position = SlicePositionEncoding(self.features) if position_encoding else None
+        self.pooling = make_pooling(pooling, self.features, heads=heads, hidden=attention_hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.features, spec.n_outputs)
+        self.final = common.FinalLayer(spec.final_layer, spec.sigmoid_input_multiplier)
+        self.last_slice_weights: dict[str, torch.Tensor] = {}
+
+    # --- slices ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def slices(x: torch.Tensor, view: str) -> torch.Tensor:
+        """The 2D slices `(B * n, C, h, w)` of volumes `(B, C, X, Y, Z)` along `view`, volume-major."""
+        axis = 2 + VIEWS.index(view)
+        moved = x.movedim(axis, 1)
+        return moved.reshape(moved.shape[0] * moved.shape[1], *moved.shape[2:])
+
+    def _encode_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+        chunk = self.normalize(self.to_rgb(chunk))
+        return self.encoder(chunk)[-1].mean(dim=(2, 3))
+
+    def encode(self, slices: torch.Tensor) -> torch.Tensor:
+        """Slice features `(n, F)` of 2D slices `(n, C, h, w)`, in chunks of `slice_chunk_size`."""
+        frozen = self.training and bool(self.encoder_steps_done < self.freeze_encoder_steps)
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled() and not frozen
+        chunks = slices.split(self.slice_chunk_size) if self.slice_chunk_size else (slices,)
+        outputs = []
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            for chunk in chunks:
+                if recompute:
+                    outputs.append(checkpoint(self._encode_chunk, chunk, use_reentrant=False))
+                else:
+                    outputs.append(self._encode_chunk(chunk))
+        return torch.cat(outputs, dim=0)
+
+    # --- forward --------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        common.check_input(x, 3, KEY)
+        if x.shape[1] != self.spec.in_channels:
+            raise ValueError(
+                f"{KEY} was built for {self.spec.in_channels} input channels (model.num_channels) but got "
+                f"{x.shape[1]} in input of shape {tuple(x.shape)}."
+            )
+        batch = x.shape[0]
+        tokens, runs = [], []
+        for view in self.views:
+            n_slices = x.shape[2 + VIEWS.index(view)]
+            features = self.encode(self.slices(x, view))
+            tokens.append(features.view(batch, n_slices, self.features))
+            runs.append((VIEWS.index(view), n_slices))
+        sequence = torch.cat(tokens, dim=1)
+        if self.position is not None:
+            sequence = self.position(sequence, runs)
+        pooled, slice_weights = self.pooling(sequence)
+        if self.training and torch.is_grad_enabled():
+            self.encoder_steps_done += 1
+        detached = slice_weights.detach()
+        self.last_slice_weights = dict(zip(self.views, detached.split([n for _, n in runs], dim=1), strict=True))
+        return self.final(self.head(self.dropout(pooled)))
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """Whether the next training step leaves the encoder without gradient."""
+        return bool(self.encoder_steps_done < self.freeze_encoder_steps)
+
+
+def make(spec: common.ModelSpec, options: dict[str, Any]) -> SliceAttentionClassifier:
+    """Builds the model from GaNDLF's contract and the validated `model:` options."""
+    return SliceAttentionClassifier(spec, **options)
+
+
+ARCHITECTURE = Architecture(
+    key=KEY,
+    summary="2D encoder on every slice, attention over slices (weights kept for explanations), linear head.",
+    make=make,
+    options=(
+        Option("encoder_name", "resnet18", "2D smp encoder applied to every slice.", check=weights.check_encoder_name),
+        Option(
+            "pretrained",
+            False,
+            "false, a weight tag such as 'imagenet', or a weights file of the 2D encoder.",
+            types=(bool, str),
+            check=weights.check_pretrained,
+        ),
+        Option("encoder_depth", 5, "smp encoder depth; its deepest features are pooled per slice.", choices=(3, 4, 5)),
+        Option("slice_axis", "z", "Slice axis of (B, C, X, Y, Z), or all three views in one sequence.",
+               choices=SLICE_AXES),
+        Option("pooling", "attention", "Slice pooling: mean-query multi-head attention, Ilse gated attention, "
+               "mean or max.", choices=POOLINGS),
+        Option("heads", 8, "Heads of attention pooling (weights are averaged over heads).",
+               check=_at_least(1, "heads")),
+        Option("attention_hidden", 128, "Hidden size of gated pooling.", check=_at_least(1, "attention_hidden")),
+        Option("position_encoding", False, "Add a learned encoding of each slice's relative position and view."),
+        Option(
+            "slice_chunk_size",
+            64,
+            "Slices per encoder call (bounds memory); null runs all slices of a batch at once.",
+            types=(int, type(None)),
+            check=_chunk_check,
+        ),
+        Option("checkpointing", False, "Recompute encoder activations in the backward pass (less training memory)."),
+        Option(
+            "freeze_encoder_steps",
+            0,
+            "Training steps (optimizer steps at batch level) during which the encoder is frozen.",
+            check=_at_least(0, "freeze_encoder_steps"),
+        ),
+        Option("imagenet_normalize", False, "Normalise 1- or 3-channel slices with ImageNet's mean and std."),
+        Option("dropout", 0.0, "Dropout before the linear head.", check=lambda v: None if 0 <= v < 1 else
+               "dropout must be in [0, 1)."),
+    ),
+    dimensions=(3,),
+    problem_types=("classification", "regression"),
+    examples=(
+        Example("classification", 3, {"encoder_depth": 3, "pooling": "attention", "slice_chunk_size": 16}),
+        Example("regression", 3, {"encoder_depth": 3, "pooling": "gated", "slice_axis": "all",
+                                  "position_encoding": True}, n_outputs=1),
+        Example("classification", 3, {"encoder_depth": 3, "pooling": "max", "slice_axis": "x"}),
+        Example("classification", 3, {"encoder_depth": 3, "pooling": "mean", "slice_axis": "y",
+                                      "checkpointing": True}, in_channels=2),
+    ),
+)
