@@ -1,0 +1,223 @@
+"""`dimlift_smp`: every segmentation-models-pytorch decoder and encoder, in 2D or lifted to 3D.
+
+The 2D smp model (or, for classification and regression, its encoder with a pooling head) is built with its
+2D weights, then lifted with `gandlf_dimlift.lift`. The default converter is `acs`: the same parameters and
+FLOPs as the 2D model with native 3D context, where GaNDLF's `imagenet_unet` defaults to soft ACS, which runs
+every convolution three times.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gandlf_dimlift import weights
+from gandlf_dimlift.models.common import FinalLayer, ModelSpec, PoolingHead, check_divisible, check_input
+from gandlf_dimlift.options import Architecture, ConfigError, Example, Option
+
+logger = logging.getLogger(__name__)
+
+KEY = "dimlift_smp"
+MODES = ("acs", "soft", "mean", "inflate", "inflate_center", "2.5d", "conv3d")
+DECODERS = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "fpn": "FPN",
+    "linknet": "Linknet",
+    "manet": "MAnet",
+    "pan": "PAN",
+    "pspnet": "PSPNet",
+    "deeplabv3": "DeepLabV3",
+    "deeplabv3plus": "DeepLabV3Plus",
+}
+STAGE_CHANNEL_DECODERS = ("unet", "unetplusplus", "manet")  # decoder_channels: one entry per encoder stage
+WIDTH_ARGUMENT = {"fpn": "decoder_pyramid_channels", "pspnet": "psp_out_channels", "pan": "decoder_channels",
+                  "deeplabv3": "decoder_channels", "deeplabv3plus": "decoder_channels"}
+ATTENTION_DECODERS = ("unet", "unetplusplus")
+FIXED_DEPTH_DECODERS = ("pan", "deeplabv3", "deeplabv3plus")  # smp builds these on all 5 encoder stages
+
+
+class EncoderClassifier(nn.Module):
+    """An encoder and a global-pooling linear head (classification and regression)."""
+
+    def __init__(self, encoder: nn.Module, head: PoolingHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[-1])
+
+
+class SmpModel(nn.Module):
+    """The GaNDLF-facing model: checks the input, runs the (lifted) network, applies GaNDLF's final layer."""
+
+    def __init__(self, net: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.net = net
+        self.final = FinalLayer(spec.final_layer, spec.sigmoid_input_multiplier)
+        self.dimension = spec.dimension
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.dimension, KEY)
+        return self.final(self.net(x))
+
+
+def _decoder_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    decoder, depth, channels = options["decoder_name"], options["encoder_depth"], options["decoder_channels"]
+    arguments: dict[str, Any] = {}
+    if decoder in FIXED_DEPTH_DECODERS:
+        if depth != 5:
+            raise ConfigError(f"model.encoder_depth = {depth}: smp's {decoder} uses all 5 encoder stages; set 5.")
+    else:
+        arguments["encoder_depth"] = depth
+    if decoder == "pspnet":
+        arguments["upsampling"] = 2**depth  # smp's default (8) assumes its default depth 3
+    if channels is not None:
+        if decoder in STAGE_CHANNEL_DECODERS:
+            if not isinstance(channels, tuple) or len(channels) != depth:
+                raise ConfigError(
+                    f"model.decoder_channels = {channels!r}: {decoder} needs one width per encoder stage "
+                    f"({depth} integers, as model.encoder_depth)."
+                )
+            arguments["decoder_channels"] = channels
+        elif decoder in WIDTH_ARGUMENT:
+            if not isinstance(channels, int):
+                raise ConfigError(f"model.decoder_channels = {channels!r}: {decoder} takes one integer width.")
+            arguments[WIDTH_ARGUMENT[decoder]] = channels
+        else:
+            raise ConfigError(f"model.decoder_channels is not used by {decoder}; remove it.")
+    elif decoder in STAGE_CHANNEL_DECODERS:
+        arguments["decoder_channels"] = (256, 128, 64, 32, 16)[:depth]
+    if options["decoder_attention_type"] is not None:
+        if decoder not in ATTENTION_DECODERS:
+            raise ConfigError(
+                f"model.decoder_attention_type is supported by {list(ATTENTION_DECODERS)}, not {decoder}."
+            )
+        arguments["decoder_attention_type"] = options["decoder_attention_type"]
+    return arguments
+
+
+def build_2d(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -> SmpModel:
+    """The 2D twin: smp's model (segmentation) or encoder + head, with the encoder's 2D weights."""
+    import segmentation_models_pytorch as smp
+
+    name, depth = options["encoder_name"], options["encoder_depth"]
+    encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=depth, weights=weight_tag)
+    if spec.problem_type == "segmentation":
+        net = getattr(smp, DECODERS[options["decoder_name"]])(
+            encoder_name=name,
+            encoder_weights=None,
+            in_channels=spec.in_channels,
+            classes=spec.n_outputs,
+            **_decoder_arguments(options),
+        )
+        net.encoder.load_state_dict(encoder.state_dict())
+    else:
+        head = PoolingHead(encoder.out_channels[-1], spec.n_outputs, options["pooling"], options["dropout"])
+        net = EncoderClassifier(encoder, head)
+    return SmpModel(net, spec)
+
+
+def _load_file(model: SmpModel, source: weights.WeightsFile) -> None:
+    """Loads a whole model (GaNDLF checkpoint or smp state dict) or, failing that, only the encoder."""
+    candidates = [(model, ""), (model.net, ""), (model.net.encoder, "net.encoder."), (model.net.encoder, "encoder."),
+                  (model.net.encoder, "")]
+    errors = []
+    for module, prefix in candidates:
+        try:
+            weights.load_matching(module, source.state_dict, str(source.path), prefix=prefix)
+        except weights.WeightsError as error:
+            errors.append(str(error))
+            continue
+        part = "the encoder" if module is model.net.encoder else "the whole model"
+        logger.info("Loaded %s of %s from %s", part, KEY, source.path)
+        return
+    raise weights.WeightsError(
+        f"{source.path} fits neither the whole {KEY} model nor its encoder ({model.net.encoder.__class__.__name__}) "
+        f"with these options. Closest: {min(errors, key=len)}"
+    )
+
+
+def make(spec: ModelSpec, options: dict[str, Any]) -> SmpModel:
+    depth = options["encoder_depth"]
+    check_divisible(spec.patch_size, (2**depth,) * spec.dimension, KEY, f"the encoder's total stride 2^{depth}")
+    if spec.problem_type == "segmentation" and options["decoder_name"] is None:
+        raise ConfigError(f"model.decoder_name is required for segmentation; choose one of {list(DECODERS)}.")
+    pretrained = weights.parse_pretrained(options["pretrained"])
+    source = weights.read_weights_file(pretrained) if isinstance(pretrained, Path) else None
+    if source is not None:
+        if source.architecture is not None and source.architecture != KEY:
+            raise ConfigError(
+                f"model.pretrained = {str(source.path)!r} is a checkpoint of {source.architecture}, not {KEY}; "
+                f"its weights do not fit. Use a {KEY} checkpoint, an encoder state dict, or a weight tag."
+            )
+        if source.dimension == 3 and spec.dimension == 2:
+            raise ConfigError(
+                f"model.pretrained = {str(source.path)!r} is a 3D checkpoint; a 2D model cannot load it. "
+                "Dimensional transfer goes from a 2D run into a 3D one."
+            )
+    model = build_2d(spec, options, None if source is not None else pretrained)
+    if source is not None and source.dimension != 3:
+        _load_file(model, source)
+    if spec.dimension == 3:
+        from gandlf_dimlift.lift import lift
+
+        model.net = lift(model.net, mode=options["converter_type"], axis=options["slice_axis"])
+        model.dimension = 3
+        if source is not None and source.dimension == 3:
+            _load_file(model, source)
+    return model
+
+
+def _check_depth(depth: int) -> str | None:
+    return None if 1 <= depth <= 5 else "encoder_depth is the number of encoder stages, 1 to 5."
+
+
+def _check_channels(value: Any) -> str | None:
+    values = value if isinstance(value, tuple) else (value,)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    return None if ok else "give a positive integer or a list of them."
+
+
+def _check_dropout(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else "dropout is a probability in [0, 1)."
+
+
+OPTIONS = (
+    Option("encoder_name", "resnet18", "Any smp encoder, or tu-<timm model>.", types=(str,),
+           check=weights.check_encoder_name),
+    Option("decoder_name", "unet", "smp decoder (segmentation).", choices=tuple(DECODERS)),
+    Option("converter_type", "acs", "How 2D layers become 3D (dimension 3).", choices=MODES),
+    Option("slice_axis", "z", "The slice axis for inflate and 2.5d; z is GaNDLF's last axis.", choices=("x", "y", "z")),
+    Option("encoder_depth", 5, "Encoder stages; the patch size must be divisible by 2^depth.", check=_check_depth),
+    Option("decoder_channels", None, "Decoder widths: a list per stage (unet, unetplusplus, manet) or one integer.",
+           types=(tuple, int, type(None)), check=lambda v: None if v is None else _check_channels(v)),
+    Option("decoder_attention_type", None, "Decoder attention (unet, unetplusplus).", types=(str, type(None)),
+           choices=(None, "scse")),
+    Option("pretrained", "imagenet",
+           f"false, a weight tag of the encoder (e.g. imagenet), or a file: a 2D state dict or a {KEY} checkpoint.",
+           types=(bool, str), check=weights.check_pretrained),
+    Option("pooling", "avg", "Global pooling of the head (classification, regression).", choices=("avg", "max")),
+    Option("dropout", 0.0, "Dropout before the linear head (classification, regression).", types=(float,),
+           check=_check_dropout),
+)
+
+_SMALL = {"encoder_name": "resnet18", "encoder_depth": 3, "pretrained": False}
+ARCHITECTURE = Architecture(
+    key=KEY,
+    summary="smp encoders and decoders, 2D or lifted to 3D (ACS, soft/mean ACS, 2.5D, I3D inflation).",
+    make=make,
+    options=OPTIONS,
+    examples=(
+        *(Example("segmentation", 3, {**_SMALL, "decoder_name": d}) for d in ("unet", "fpn", "linknet")),
+        Example("classification", 3, dict(_SMALL)),
+        Example("regression", 3, {**_SMALL, "converter_type": "inflate"}, n_outputs=1),
+        Example("segmentation", 2, {**_SMALL, "decoder_name": "unet"}, patch_size=(32, 32)),
+        Example("classification", 2, dict(_SMALL), patch_size=(32, 32)),
+    ),
+)

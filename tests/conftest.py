@@ -1,0 +1,64 @@
+"""Shared test helpers: real `gandlf_run` subprocesses on tiny datasets written by the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gandlf_dimlift.synthetic import write_config
+
+BIN = Path(sys.executable).parent
+
+
+def gandlf_env(**extra: str) -> dict[str, str]:
+    """The environment for a GaNDLF subprocess: no GPU, few threads, no pre-existing opt-out."""
+    env = {k: v for k, v in os.environ.items() if k != "GANDLF_DIMLIFT_DISABLE"}
+    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+def run_gandlf(
+    config: dict | Path,
+    csv: Path,
+    model_dir: Path,
+    train: bool = True,
+    output_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: int = 900,
+) -> subprocess.CompletedProcess:
+    """Runs the real `gandlf_run` (training with `train`, else inference into `output_dir`).
+
+    Returns:
+        The completed process (stdout and stderr merged in `.stdout`). With `check`, a non-zero exit fails the
+        test and shows the end of GaNDLF's output.
+    """
+    model_dir = Path(model_dir)
+    if isinstance(config, dict):
+        config = write_config(config, model_dir.parent / f"{model_dir.name}_config.yaml")
+    command = [str(BIN / "gandlf_run"), "-c", str(config), "-i", str(csv), "-m", str(model_dir), "-d", "cpu"]
+    command += ["-t", "True", "-rt", "True"] if train else ["-t", "False", "-o", str(output_dir or model_dir)]
+    result = subprocess.run(
+        command, env=env or gandlf_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"gandlf_run failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def inference_outputs(model_dir: Path) -> list[Path]:
+    """Files GaNDLF's inference wrote: segmentation masks per subject, or the predictions CSV."""
+    folder = Path(model_dir) / "output_inference"
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
