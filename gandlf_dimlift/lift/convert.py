@@ -1,0 +1,115 @@
+"""The module-tree walker: every module is converted, kept, or rejected by an explicit table.
+
+Three tables decide, by *exact* type (a subclass of a 2D layer is never swapped silently):
+
+* :data:`~.layers.TORCH_TABLE`: torch 2D layers and their 3D forms;
+* :data:`NAMED_TABLE`: third-party modules known to do 2D work in their ``forward`` (TensorFlow-"same"
+  convs, squeeze-excitation blocks pooling with ``x.mean((2, 3))``, smp decoder blocks calling
+  ``F.interpolate`` with 2D sizes...), keyed by ``"module.QualName"`` so smp / timm /
+  efficientnet-pytorch are never imported here; each maps to a converter building a lifted
+  replacement that keeps the children (so the state dict keys do not change);
+* :data:`~.layers.TORCH_AGNOSTIC`: torch modules that work unchanged on 5D tensors.
+
+Other torch modules raise :class:`LiftError`. Other third-party modules are treated as containers:
+their children are lifted, a module holding a 4D parameter itself is rejected, and their ``forward``
+is verified by the probe (:mod:`.probe`), which rejects 2D-only functional calls on 5D tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from .errors import LiftError, type_name
+from .layers import TORCH_3D, TORCH_AGNOSTIC, TORCH_CHANNEL_WISE, TORCH_TABLE
+from .spec import MODES, LiftSpec
+
+log = logging.getLogger(__name__)
+
+Converter = Callable[[nn.Module, LiftSpec, str], nn.Module]
+
+#: Third-party module types with a lifted replacement, keyed by ``module.QualName``.
+NAMED_TABLE: dict[str, Converter] = {}
+
+#: Third-party module types that cannot be lifted, with the reason (keyed like :data:`NAMED_TABLE`).
+NAMED_REJECT: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def register(*names: str) -> Callable[[Converter], Converter]:
+    """Register a converter for third-party module types given by ``module.QualName``."""
+
+    def deco(fn: Converter) -> Converter:
+        for name in names:
+            NAMED_TABLE[name] = fn
+        return fn
+
+    return deco
+
+
+_2D_BASES = tuple(TORCH_TABLE) + (nn.LocalResponseNorm, nn.LPPool2d, nn.FractionalMaxPool2d, nn.PixelShuffle)
+
+
+def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
+    """Lift ``module`` and its children in place where possible; return the lifted module.
+
+    Args:
+        module: The module to lift.
+        spec: Mode and axis.
+        path: Dotted path of ``module`` in the root, for error messages.
+
+    Returns:
+        The lifted module (the same object, or a replacement).
+
+    Raises:
+        LiftError: For a module the tables reject.
+    """
+    t = type(module)
+    name = type_name(module)
+    if t in TORCH_TABLE:
+        return TORCH_TABLE[t](module, spec, path)
+    if name in NAMED_REJECT:
+        why, modes = NAMED_REJECT[name]
+        raise LiftError(why, path=path, module_type=name, modes=[m for m in modes if m != spec.mode])
+    if name in NAMED_TABLE:
+        module = NAMED_TABLE[name](module, spec, path)
+    elif t in TORCH_CHANNEL_WISE:
+        if module.dim not in (1, -4) and module.dim is not None:  # type: ignore[attr-defined]
+            raise LiftError(
+                f"{t.__name__}(dim={module.dim}) acts on a spatial axis of a 2D map",  # type: ignore[attr-defined]
+                path=path, module_type=name,
+            )
+        return module
+    elif t in TORCH_AGNOSTIC or t in TORCH_3D:
+        pass
+    elif t.__module__.startswith("torch."):
+        raise LiftError("no 3D counterpart is known for this torch module", path=path, module_type=name)
+    elif isinstance(module, _2D_BASES):
+        raise LiftError(
+            "subclass of a 2D torch layer with behaviour the lift table does not know; add it to "
+            "gandlf_dimlift.lift.convert.NAMED_TABLE",
+            path=path, module_type=name,
+        )
+    else:
+        own = [n for n, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if p is not None and p.dim() == 4]
+        if own:
+            raise LiftError(
+                f"holds 2D (4D-shaped) tensors {own} that no table entry knows how to lift",
+                path=path, module_type=name,
+            )
+    for child_name, child in list(module.named_children()):
+        child_path = f"{path}.{child_name}" if path else child_name
+        new_child = convert(child, spec, child_path)
+        if new_child is not child:
+            setattr(module, child_name, new_child)
+    return module
+
+
+def all_modes_but(*modes: str) -> tuple[str, ...]:
+    """The modes other than ``modes`` (for error hints)."""
+    return tuple(m for m in MODES if m not in modes)
+
+
+log.debug("lift tables: %d torch types, %d agnostic", len(TORCH_TABLE), len(TORCH_AGNOSTIC))

@@ -1,0 +1,247 @@
+"""Converters for single torch 2D layers (the explicit type table's leaves)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LiftError, type_name
+from .ops import ACSConv3d, BatchNormAct3d, SameConv3d
+from .resize import Interpolate3d
+from .spec import ACS_MODES, LiftSpec, as_pair
+
+_DENSE_OK = ("inflate", "inflate_center", "2.5d", "conv3d")
+
+
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Move ``new`` to ``old``'s device and floating dtype; keep ``requires_grad`` flags by name."""
+    ref = next((t for t in list(old.parameters()) + list(old.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    flags = {n: p.requires_grad for n, p in old.named_parameters()}
+    for n, p in new.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    new.train(old.training)
+    return new
+
+
+def expand_kernel(w: torch.Tensor, spec: LiftSpec, extent: int, transposed_stride: int | None = None) -> torch.Tensor:
+    """Turn a 2D kernel ``(A, B, kh, kw)`` into a 3D one with ``extent`` taps along the new axis.
+
+    ``inflate`` repeats the kernel ``extent`` times and divides by ``extent`` (for a transposed conv, by
+    the number of taps that reach one output, ``extent / stride``), so a volume constant along the new
+    axis gives the 2D response away from the borders. ``inflate_center`` puts the kernel in the
+    middle plane and zeros elsewhere. Other modes (and ``extent == 1``) only add the axis.
+
+    Args:
+        w: The 2D kernel.
+        spec: The lift spec.
+        extent: Kernel extent along the new axis.
+        transposed_stride: Stride along the new axis for transposed convs, else ``None``.
+
+    Returns:
+        The 3D kernel.
+    """
+    dim = 2 + spec.new_dim
+    w = w.detach().unsqueeze(dim)
+    if extent == 1:
+        return w.clone()
+    if spec.mode == "inflate_center":
+        out = torch.zeros_like(w).repeat_interleave(extent, dim=dim)
+        out.narrow(dim, (extent - 1) // 2, 1).copy_(w)
+        return out
+    taps = extent / (transposed_stride or 1) if transposed_stride else extent
+    return w.repeat_interleave(extent, dim=dim) / taps
+
+
+def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) -> nn.Module:
+    """Lift a ``Conv2d`` (or a TensorFlow-"same" conv when ``tf_same``)."""
+    k, s, d = as_pair(m.kernel_size), as_pair(m.stride), as_pair(m.dilation)
+    p = m.padding if isinstance(m.padding, str) else as_pair(m.padding)
+    if tf_same:
+        p = (0, 0)
+    bias = m.bias is not None
+    if spec.mode in ACS_MODES:
+        if not (k[0] == k[1] and s[0] == s[1] and d[0] == d[1] and (isinstance(p, str) or p[0] == p[1])):
+            raise LiftError(
+                f"ACS needs a square kernel with equal stride/padding/dilation on both axes, got kernel {k}, "
+                f"stride {s}, padding {p}, dilation {d}",
+                path=path, module_type=type_name(m), modes=_DENSE_OK,
+            )
+        padding = "tf_same" if tf_same else (p if isinstance(p, str) else p[0])
+        new = ACSConv3d(
+            m.in_channels, m.out_channels, k[0], s[0], padding, d[0], m.groups, bias, m.padding_mode, spec.mode
+        )
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if bias:
+                new.bias.copy_(m.bias)
+        return _like(new, m)
+    k3, s3, p3, d3 = spec.lift_geometry(k, s, p, d)
+    if isinstance(p3, str) and p3 == "same" and any(x != 1 for x in s3):
+        raise LiftError("padding='same' with stride > 1 has no 3D counterpart", path=path, module_type=type_name(m))
+    cls = SameConv3d if tf_same else nn.Conv3d
+    new = cls(
+        m.in_channels, m.out_channels, k3, s3, 0 if tf_same else p3, d3, m.groups, bias,
+        "zeros" if tf_same else m.padding_mode,
+    )
+    if spec.mode != "conv3d":
+        with torch.no_grad():
+            new.weight.copy_(expand_kernel(m.weight, spec, k3[spec.new_dim]))
+            if bias:
+                new.bias.copy_(m.bias)
+    return _like(new, m)
+
+
+def lift_conv_transpose(m: nn.ConvTranspose2d, spec: LiftSpec, path: str) -> nn.Module:
+    """Lift a ``ConvTranspose2d`` (dense modes only)."""
+    if spec.mode in ACS_MODES:
+        raise LiftError(
+            "transposed convolutions have no ACS form here (a thin-axis stride would leave empty planes)",
+            path=path, module_type=type_name(m), modes=("inflate", "2.5d", "conv3d"),
+        )
+    k3, s3, p3, d3 = spec.lift_geometry(m.kernel_size, m.stride, m.padding, m.dilation)
+    op = as_pair(m.output_padding)
+    new_op = 0 if (spec.per_slice or op[0] != op[1] or k3[spec.new_dim] == 1) else op[0]
+    op3 = spec.triple(op, new_op)
+    sn, kn = s3[spec.new_dim], k3[spec.new_dim]
+    if spec.mode == "inflate_center" and sn > 1:
+        raise LiftError(
+            f"inflate_center on a transposed conv with stride {sn} along the new axis leaves "
+            f"{sn - 1} of every {sn} output planes without input",
+            path=path, module_type=type_name(m), modes=("inflate", "2.5d", "conv3d"),
+        )
+    bias = m.bias is not None
+    new = nn.ConvTranspose3d(
+        m.in_channels, m.out_channels, k3, s3, p3, op3, m.groups, bias, d3, m.padding_mode
+    )
+    if spec.mode != "conv3d":
+        with torch.no_grad():
+            new.weight.copy_(expand_kernel(m.weight, spec, kn, transposed_stride=sn))
+            if bias:
+                new.bias.copy_(m.bias)
+    return _like(new, m)
+
+
+def lift_batchnorm(m: nn.BatchNorm2d, spec: LiftSpec, path: str) -> nn.Module:
+    """BatchNorm2d -> BatchNorm3d (timm's BatchNormAct2d -> :class:`BatchNormAct3d`), statistics kept."""
+    cls = BatchNormAct3d if type(m) is not nn.BatchNorm2d else nn.BatchNorm3d
+    new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if cls is BatchNormAct3d:
+        new.drop, new.act = m.drop, m.act
+    new.load_state_dict(m.state_dict())
+    return _like(new, m)
+
+
+def lift_instancenorm(m: nn.InstanceNorm2d, spec: LiftSpec, path: str) -> nn.Module:
+    """InstanceNorm2d -> InstanceNorm3d, affine parameters and running statistics kept."""
+    new = nn.InstanceNorm3d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    new.load_state_dict(m.state_dict())
+    return _like(new, m)
+
+
+def lift_maxpool(m: nn.MaxPool2d, spec: LiftSpec, path: str) -> nn.Module:
+    """MaxPool2d -> MaxPool3d (2.5d: extent 1 along the slice axis)."""
+    k3, s3, p3, d3 = spec.lift_geometry(m.kernel_size, m.stride if m.stride else m.kernel_size, m.padding, m.dilation)
+    return nn.MaxPool3d(k3, s3, p3, d3, m.return_indices, m.ceil_mode)
+
+
+def lift_avgpool(m: nn.AvgPool2d, spec: LiftSpec, path: str) -> nn.Module:
+    """AvgPool2d -> AvgPool3d (a divisor override is scaled by the new extent)."""
+    k3, s3, p3, _ = spec.lift_geometry(m.kernel_size, m.stride if m.stride else m.kernel_size, m.padding)
+    div = m.divisor_override
+    if div:
+        div = div * k3[spec.new_dim]
+    return nn.AvgPool3d(k3, s3, p3, m.ceil_mode, m.count_include_pad, div)
+
+
+def _adaptive_size(size: object, spec: LiftSpec) -> tuple:
+    h, w = as_pair(size)
+    new = None if (spec.per_slice or h != w) else h
+    return spec.triple((h, w), new)
+
+
+def lift_adaptive_avgpool(m: nn.AdaptiveAvgPool2d, spec: LiftSpec, path: str) -> nn.Module:
+    """AdaptiveAvgPool2d -> AdaptiveAvgPool3d (2.5d keeps the slice axis)."""
+    return nn.AdaptiveAvgPool3d(_adaptive_size(m.output_size, spec))
+
+
+def lift_adaptive_maxpool(m: nn.AdaptiveMaxPool2d, spec: LiftSpec, path: str) -> nn.Module:
+    """AdaptiveMaxPool2d -> AdaptiveMaxPool3d (2.5d keeps the slice axis)."""
+    return nn.AdaptiveMaxPool3d(_adaptive_size(m.output_size, spec), m.return_indices)
+
+
+def lift_upsample(m: nn.Upsample, spec: LiftSpec, path: str) -> nn.Module:
+    """Upsample / UpsamplingNearest2d / UpsamplingBilinear2d -> :class:`Interpolate3d`."""
+    try:
+        return Interpolate3d.from_2d(spec, m.size, m.scale_factor, m.mode, m.align_corners)
+    except ValueError as err:
+        raise LiftError(str(err), path=path, module_type=type_name(m)) from None
+
+
+_PADS_3D = {
+    nn.ZeroPad2d: nn.ZeroPad3d,
+    nn.ConstantPad2d: nn.ConstantPad3d,
+    nn.ReflectionPad2d: nn.ReflectionPad3d,
+    nn.ReplicationPad2d: nn.ReplicationPad3d,
+    nn.CircularPad2d: nn.CircularPad3d,
+}
+
+
+def lift_pad(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    """Padding modules: the new axis gets the padding both in-plane axes agree on (none in 2.5d)."""
+    left, right, top, bottom = m.padding
+    per_dim = [None, None, None]
+    per_dim[spec.plane_dims[0]] = (top, bottom)
+    per_dim[spec.plane_dims[1]] = (left, right)
+    per_dim[spec.new_dim] = (0, 0) if (spec.per_slice or (left, right) != (top, bottom)) else (left, right)
+    flat = tuple(v for pair in reversed(per_dim) for v in pair)
+    cls = _PADS_3D[type(m)]
+    return cls(flat, m.value) if cls is nn.ConstantPad3d else cls(flat)
+
+
+def lift_dropout2d(m: nn.Dropout2d, spec: LiftSpec, path: str) -> nn.Module:
+    """Dropout2d (whole channels) -> Dropout3d."""
+    return nn.Dropout3d(m.p, m.inplace)
+
+
+#: Exact torch types converted to a 3D layer.
+TORCH_TABLE = {
+    nn.Conv2d: lift_conv,
+    nn.ConvTranspose2d: lift_conv_transpose,
+    nn.BatchNorm2d: lift_batchnorm,
+    nn.InstanceNorm2d: lift_instancenorm,
+    nn.MaxPool2d: lift_maxpool,
+    nn.AvgPool2d: lift_avgpool,
+    nn.AdaptiveAvgPool2d: lift_adaptive_avgpool,
+    nn.AdaptiveMaxPool2d: lift_adaptive_maxpool,
+    nn.Upsample: lift_upsample,
+    nn.UpsamplingNearest2d: lift_upsample,
+    nn.UpsamplingBilinear2d: lift_upsample,
+    nn.Dropout2d: lift_dropout2d,
+    **{t: lift_pad for t in _PADS_3D},
+}
+
+#: torch types that work unchanged on 5D tensors (elementwise, channel-wise or containers).
+TORCH_AGNOSTIC = frozenset(
+    {
+        nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity,
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+        nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Softsign,
+        nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
+        nn.Dropout, nn.AlphaDropout, nn.GroupNorm, nn.Linear, nn.Flatten,
+    }
+)
+
+#: Softmax-like modules are agnostic only when they act on the channel axis.
+TORCH_CHANNEL_WISE = frozenset({nn.Softmax, nn.LogSoftmax, nn.Softmin})
+
+#: Already-3D torch types (left alone when met).
+TORCH_3D = frozenset(
+    {
+        nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.Dropout3d, nn.ZeroPad3d, nn.ConstantPad3d,
+        nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d,
+    }
+)

@@ -1,0 +1,293 @@
+"""3D operators that replace 2D layers.
+
+``acsconv`` ships ``ACSConv`` / ``SoftACSConv`` (used by GaNDLF). :class:`ACSConv3d` replaces them
+rather than wrapping them, because their forward is not correct for every layer a 2D model holds:
+
+* ``acsconv.operators.functional.acs_conv_f`` accepts only ``groups == 1`` or depthwise convs (ResNeXt,
+  RegNet, ResNeSt, SKNet use other groupings);
+* the kernel must be square (``_pair_same`` asserts);
+* ``padding_mode`` is ignored (always zeros) and asymmetric / TensorFlow "same" padding cannot be
+  expressed;
+* the shortcut that feeds the unpadded input to the thin axis when ``2 * out == in`` gives the wrong
+  length for valid (``padding=0``) convs on some sizes (e.g. ``k=3, p=0, s=1`` on a length-4 axis),
+  so ``torch.cat`` fails;
+* ``SoftACSConv`` starts its mixing weights from ``torch.rand`` (random view mixing).
+
+The definition kept here is the one ``acsconv`` implements in the common case (odd kernel, symmetric
+"same" padding), stated for every case: a view's conv is a 3D conv whose cubic footprint is zero
+outside the centre plane across the view's thin axis. So along the thin axis the conv reads the
+input at the centre tap only, with the padding/stride of the cubic footprint; every view then has the
+same output shape as a cubic conv would. ``benchmarks/lift_ops.py`` checks equality with ``acsconv``
+on the layers it supports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def check_5d(x: torch.Tensor, who: str) -> None:
+    """Raise a clear error unless ``x`` is a batched 3D tensor ``(B, C, X, Y, Z)``.
+
+    Args:
+        x: The input.
+        who: Name of the layer or model, for the message.
+
+    Raises:
+        ValueError: When ``x`` is not 5D.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"{who} is a lifted (3D) model: it expects a 5D input (B, C, X, Y, Z), got {shape}. "
+            "Add the batch/channel dimensions (e.g. x[None, None]) or lift along another axis."
+        )
+
+
+def tf_same_pads(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding for one dimension: output length ``ceil(length / stride)``.
+
+    Args:
+        length: Input length.
+        kernel: Kernel extent.
+        stride: Stride.
+        dilation: Dilation.
+
+    Returns:
+        ``(left, right)``; the extra element, if any, goes to the right.
+    """
+    out = math.ceil(length / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - length, 0)
+    return total // 2, total - total // 2
+
+
+def pad_or_crop(x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode: str = "zeros") -> torch.Tensor:
+    """Pad (positive) or crop (negative) the three spatial dimensions of a 5D tensor.
+
+    Args:
+        x: ``(B, C, X, Y, Z)`` tensor.
+        pads: ``((xl, xr), (yl, yr), (zl, zr))``.
+        padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+
+    Returns:
+        The padded / cropped tensor.
+    """
+    for i, (left, right) in enumerate(pads):
+        if left < 0 or right < 0:
+            dim = 2 + i
+            start = max(-left, 0)
+            stop = x.shape[dim] - max(-right, 0)
+            if stop <= start:
+                raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for this layer")
+            x = x.narrow(dim, start, stop - start)
+    flat: list[int] = []
+    for left, right in reversed(list(pads)):
+        flat += [max(left, 0), max(right, 0)]
+    if any(flat):
+        x = F.pad(x, flat, mode=_PAD_MODES[padding_mode])
+    return x
+
+
+class SameConv3d(nn.Conv3d):
+    """``nn.Conv3d`` with TensorFlow "SAME" padding computed from the input size at every call.
+
+    The 3D twin of ``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding`` (efficientnet-pytorch)
+    and timm's ``Conv2dSame``: their padding is computed for a 2D image size, so it must be recomputed
+    per axis for any 3D size.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True)
+        pads = [tf_same_pads(n, k, s, d) for n, k, s, d in geometry]
+        return F.conv3d(pad_or_crop(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class ACSConv3d(nn.Module):
+    """ACS convolution (``acs``), soft ACS (``soft``) and mean ACS (``mean``) over a 2D kernel.
+
+    The 2D weight ``(out, in / groups, k, k)`` is kept as is (same parameters as the 2D layer).
+    ``acs`` splits the output channels in three groups convolved as ``(1, k, k)``, ``(k, 1, k)`` and
+    ``(k, k, 1)`` (thin along X, Y, Z); ``soft`` and ``mean`` convolve every output channel in all three
+    views and mix them with learned softmax weights (``soft_w_core``, shape ``(out, 3)``) or equally.
+
+    ``soft_w_core`` is initialised to zeros, so the softmax starts at 1/3 per view: a freshly lifted
+    ``soft`` layer equals ``mean`` and the learning starts from the transferred weights, not from a
+    random mix (``acsconv.SoftACSConv`` draws them with ``torch.rand``).
+
+    Any grouping is supported: each view's channel range is computed as at most three convs (the
+    partial group at each end and the whole groups in between).
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        kernel_size: Kernel extent (square 2D kernel).
+        stride: Stride (same on every axis).
+        padding: Padding per side (int), a ``(left, right)`` pair, ``"same"``, ``"valid"``, or
+            ``"tf_same"`` (TensorFlow SAME, from the input size).
+        dilation: Dilation (same on every axis).
+        groups: Conv groups.
+        bias: Whether to add a bias.
+        padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+        mode: ``acs``, ``soft`` or ``mean``.
+        acs_kernel_split: Output channels per view for ``acs``; balanced like ``acsconv`` by default.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        mode: str = "acs",
+        acs_kernel_split: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("acs", "soft", "mean"):
+            raise ValueError(f"ACSConv3d mode must be 'acs', 'soft' or 'mean', got {mode!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
+        if padding_mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
+        self.padding, self.padding_mode, self.mode = padding, padding_mode, mode
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        if mode == "soft":
+            self.soft_w_core = nn.Parameter(torch.zeros(out_channels, 3))
+        if acs_kernel_split is None:
+            base, rest = divmod(out_channels, 3)
+            acs_kernel_split = tuple(base + (1 if i < rest else 0) for i in range(3))
+        if sum(acs_kernel_split) != out_channels:
+            raise ValueError(f"acs_kernel_split {acs_kernel_split} does not sum to {out_channels}")
+        self.acs_kernel_split = tuple(acs_kernel_split)
+        bounds = [0, *torch.tensor(self.acs_kernel_split).cumsum(0).tolist()]
+        ranges = [(bounds[v], bounds[v + 1]) for v in range(3)] if mode == "acs" else [(0, out_channels)] * 3
+        self._pieces = [_group_pieces(lo, hi, out_channels, in_channels, groups) for lo, hi in ranges]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like ``nn.Conv2d``."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _axis_pads(self, length: int) -> tuple[int, int]:
+        k, d = self.kernel_size, self.dilation
+        if self.padding == "tf_same":
+            return tf_same_pads(length, k, self.stride, d)
+        if self.padding == "same":
+            total = d * (k - 1)
+            return total // 2, total - total // 2
+        if self.padding == "valid":
+            return 0, 0
+        if isinstance(self.padding, int):
+            return self.padding, self.padding
+        return tuple(self.padding)  # type: ignore[return-value]
+
+    def _view(self, x: torch.Tensor, view: int, pads: list[tuple[int, int]]) -> torch.Tensor:
+        k, d = self.kernel_size, self.dilation
+        centre = (k - 1) // 2
+        left, right = pads[view]
+        view_pads = list(pads)
+        # the thin axis reads the centre tap of the cubic footprint only
+        view_pads[view] = (left - centre * d, right - (k - 1 - centre) * d)
+        dilation = [d, d, d]
+        dilation[view] = 1
+        native = self.padding_mode == "zeros" and all(lo == hi and lo >= 0 for lo, hi in view_pads)
+        conv_padding = tuple(lo for lo, _ in view_pads) if native else 0
+        outs = []
+        for o_lo, o_hi, i_lo, i_hi, groups in self._pieces[view]:
+            xin = x if (i_lo == 0 and i_hi == x.shape[1]) else x[:, i_lo:i_hi]
+            if not native:
+                xin = pad_or_crop(xin, view_pads, self.padding_mode)
+            weight = self.weight[o_lo:o_hi].unsqueeze(2 + view)
+            outs.append(F.conv3d(xin, weight, None, self.stride, conv_padding, tuple(dilation), groups))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        check_5d(x, type(self).__name__)
+        pads = [self._axis_pads(n) for n in x.shape[2:]]
+        views = [self._view(x, v, pads) for v in range(3) if self._pieces[v]]
+        if self.mode == "acs":
+            out = torch.cat(views, 1) if len(views) > 1 else views[0]
+        elif self.mode == "mean":
+            out = (views[0] + views[1] + views[2]) / 3
+        else:
+            w = self.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
+            out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:  # noqa: D102
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding!r}, mode={self.mode!r}"
+        )
+        if self.dilation != 1:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.mode == "acs":
+            s += f", acs_kernel_split={self.acs_kernel_split}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
+
+
+def _group_pieces(lo: int, hi: int, out_ch: int, in_ch: int, groups: int) -> list[tuple[int, int, int, int, int]]:
+    """Split output channels ``[lo, hi)`` of a grouped conv into convs that torch can run.
+
+    Returns:
+        ``(out_lo, out_hi, in_lo, in_hi, groups)`` per piece: partial groups become dense convs on
+        their group's input channels, runs of whole groups one grouped conv.
+    """
+    cpg, ipg = out_ch // groups, in_ch // groups
+    pieces = []
+    o = lo
+    while o < hi:
+        g = o // cpg
+        group_end = (g + 1) * cpg
+        if o % cpg or hi < group_end:
+            end = min(hi, group_end)
+            pieces.append((o, end, g * ipg, (g + 1) * ipg, 1))
+            o = end
+        else:
+            n = (hi - o) // cpg
+            pieces.append((o, o + n * cpg, g * ipg, (g + n) * ipg, n))
+            o += n * cpg
+    return pieces
+
+
+class BatchNormAct3d(nn.BatchNorm3d):
+    """3D twin of timm's ``BatchNormAct2d``: batch norm, then its ``drop`` and ``act`` children.
+
+    timm's class asserts a 4D input, so it is replaced; the state dict keys are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = super().forward(x)
+        drop = getattr(self, "drop", None)
+        act = getattr(self, "act", None)
+        if drop is not None:
+            x = drop(x)
+        if act is not None:
+            x = act(x)
+        return x
