@@ -7,10 +7,12 @@ Rician-like noise and a gamma change (TorchIO transforms) on the T1 only. Two Ga
 
 - ``segmentation``: ``Channel_0`` is the T1, ``Label`` holds 0 background / 1 grey matter / 2 white matter,
   the arg-max of the deformed probability maps (background = 1 - gm - wm).
-- ``detection``: classification of lesion present (1) / absent (0). Half the subjects (chosen by the seed) get an
-  ellipsoid lesion of altered intensity at a random white-matter location, inserted before the intensity
-  transforms. ``lesions.csv`` records for every subject which slices along the last axis (GaNDLF's slice axis, the
-  axial one here) the lesion occupies, for scoring slice-level explanations.
+- ``detection``: classification (``ValueToPredict``) of lesion present (1) / absent (0). Half the subjects
+  (chosen by the seed) get an ellipsoid lesion of altered intensity at a random white-matter location, inserted
+  before the intensity transforms. ``lesions.csv`` records for every subject which slices along the last axis
+  (GaNDLF's slice axis, the axial one here) the lesion occupies, for scoring slice-level explanations. The
+  ``Label`` column points at the tissue map only because GaNDLF 0.1.5 needs a label image to validate
+  classification (without one it takes its segmentation path and fails).
 
 Splits are fixed from the seed and written as GaNDLF CSVs: ``<task>_train.csv``, ``<task>_validation.csv``,
 ``<task>_test.csv`` (pass ``-i train.csv,validation.csv`` to ``gandlf_run``). ``dataset.json`` records every
@@ -313,8 +315,10 @@ def generate(out_dir: str | Path, settings: DataSettings | None = None) -> Path:
             writer.writerows([[r["SubjectID"], r["t1"], r["tissue"]] for r in rows])
         with open(out / f"detection_{split}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["SubjectID", "Channel_0", "ValueToPredict"])
-            writer.writerows([[r["SubjectID"], r["detection_image"], r["lesion"]] for r in rows])
+            # GaNDLF 0.1.5 validates and tests classification subjects through its label-sampler path only when
+            # a Label image is present (without one it takes the segmentation path and fails): give the tissue map.
+            writer.writerow(["SubjectID", "Channel_0", "Label", "ValueToPredict"])
+            writer.writerows([[r["SubjectID"], r["detection_image"], r["tissue"], r["lesion"]] for r in rows])
     with open(out / "lesions.csv", "w", newline="") as handle:
         keys = ["SubjectID", "split", "lesion", "lesion_slices", "n_slices", "lesion_voxels"]
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
