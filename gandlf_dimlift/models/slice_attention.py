@@ -13,6 +13,7 @@ GaNDLF's 3D layout is `(B, C, X, Y, Z)`: `slice_axis: z` (the default) takes the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,13 +91,46 @@ def _state_dict_prefix(own_keys: list[str], state_dict: dict[str, torch.Tensor])
     return candidates[0] if candidates else ""
 
 
+def prune_unused_stages(encoder: nn.Module, size: int = 64) -> list[str]:
+    """Replaces the encoder's submodules that do not reach its output by identities; returns their names.
+
+    smp builds every stage of an encoder whatever its depth (a depth-3 ResNet keeps layer3 and layer4 unused).
+    Unused parameters would break DDP and waste memory, so the submodules whose parameters get no gradient in a
+    probe pass are removed (after the pretrained weights were loaded, so checkpoints stay consistent).
+    """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        encoder(torch.zeros(1, 3, size, size))[-1].sum().backward()
+    except Exception as error:  # noqa: BLE001 - an encoder that cannot be probed at this size keeps every stage
+        logger.warning("Could not probe %s for unused stages (%s); keeping them.", type(encoder).__name__, error)
+        encoder.zero_grad(set_to_none=True)
+        encoder.train(was_training)
+        return []
+    removed: list[str] = []
+    for name, module in list(encoder.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in removed):
+            continue
+        parameters = list(module.parameters())
+        if parameters and all(p.grad is None for p in parameters):
+            parent_name, _, child = name.rpartition(".")
+            parent = encoder.get_submodule(parent_name) if parent_name else encoder
+            setattr(parent, child, nn.Identity())
+            removed.append(name)
+    encoder.zero_grad(set_to_none=True)
+    encoder.train(was_training)
+    return removed
+
+
 def build_encoder(name: str, pretrained: Any, depth: int) -> nn.Module:
-    """A 3-channel 2D smp encoder with the requested pretrained weights (tag or file)."""
+    """A 3-channel 2D smp encoder without unused stages, with the requested pretrained weights (tag or file)."""
     choice = weights.parse_pretrained(pretrained)
-    if isinstance(choice, str):
-        return weights.smp_encoder(name, in_channels=3, depth=depth, weights=choice)
-    encoder = weights.smp_encoder(name, in_channels=3, depth=depth, weights=None)
-    if choice is not None:
+    tag = choice if isinstance(choice, str) else None
+    encoder = weights.smp_encoder(name, in_channels=3, depth=depth, weights=tag)
+    removed = prune_unused_stages(encoder)
+    if removed:
+        logger.debug("Encoder %s at depth %d: removed unused %s", name, depth, removed)
+    if isinstance(choice, Path):
         content = weights.read_weights_file(choice)
         own = [k for k in encoder.state_dict() if not k.startswith("fc.")]
         prefix = _state_dict_prefix(own, content.state_dict)

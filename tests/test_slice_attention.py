@@ -1,0 +1,309 @@
+"""Slice attention classifier: slice weights, invariances, shapes, memory options, freezing, bad input, localisation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gandlf_dimlift.models.slice_attention import ARCHITECTURE, SliceAttentionClassifier
+from gandlf_dimlift.models.slice_pooling import POOLINGS
+from gandlf_dimlift.options import ConfigError
+
+AXES = ("x", "y", "z", "all")
+SHAPE = (2, 1, 20, 16, 12)  # non-cubic, so a wrong slice axis shows in the weights' shape
+
+
+def parameters(problem_type: str = "classification", dimension: int = 3, channels: int = 1, **options) -> dict:
+    model = {
+        "dimension": dimension,
+        "architecture": "dimlift_slice_attention",
+        "num_channels": channels,
+        "final_layer": "softmax" if problem_type == "classification" else "none",
+        "class_list": [0, 1],
+        "encoder_depth": 3,
+        **options,
+    }
+    if problem_type == "regression":
+        model["num_classes"] = 1
+    patch = [32] * dimension
+    return {"model": model, "problem_type": problem_type, "patch_size": patch}
+
+
+def build(**options) -> SliceAttentionClassifier:
+    torch.manual_seed(0)
+    return ARCHITECTURE(parameters=parameters(**options))
+
+
+def n_slices(shape: tuple[int, ...], view: str) -> int:
+    return shape[2 + "xyz".index(view)]
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_shapes_and_weights_every_pooling_and_axis(pooling: str, axis: str) -> None:
+    model = build(pooling=pooling, slice_axis=axis).eval()
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 2)
+    assert torch.allclose(y.sum(1), torch.ones(2), atol=1e-5)  # softmax final layer
+    views = ("x", "y", "z") if axis == "all" else (axis,)
+    assert tuple(model.last_slice_weights) == views
+    for view in views:
+        assert model.last_slice_weights[view].shape == (2, n_slices(SHAPE, view))
+    weights = torch.cat([model.last_slice_weights[v] for v in views], dim=1)
+    assert (weights >= 0).all()
+    # one softmax over the whole sequence: per volume the weights of all views together sum to 1
+    assert torch.allclose(weights.sum(1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_permuting_slices_changes_nothing_without_position_encoding(pooling: str) -> None:
+    model = build(pooling=pooling).eval()
+    x = torch.randn(SHAPE)
+    order = torch.randperm(SHAPE[-1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = model(x)
+        w = model.last_slice_weights["z"]
+        y_permuted = model(x[..., order])
+        w_permuted = model.last_slice_weights["z"]
+    assert torch.allclose(y, y_permuted, atol=1e-5)
+    assert torch.allclose(w[:, order], w_permuted, atol=1e-5)
+
+
+def test_position_encoding_makes_attention_order_aware() -> None:
+    model = build(pooling="attention", position_encoding=True).eval()
+    with torch.no_grad():  # the projection starts at zero; give it a value as training would
+        model.position.projection.weight.normal_(0, 1.0)
+    x = torch.randn(SHAPE)
+    order = torch.arange(SHAPE[-1] - 1, -1, -1)
+    with torch.no_grad():
+        y, y_reversed = model(x), model(x[..., order])
+    assert not torch.allclose(y, y_reversed, atol=1e-4)
+
+
+def test_attention_weights_are_the_head_average() -> None:
+    model = build(pooling="attention", heads=4).eval()
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        model(x)
+        tokens = model.encode(model.slices(x, "z")).view(2, SHAPE[-1], -1)
+        _, per_head = model.pooling.attention(
+            tokens.mean(1, keepdim=True), tokens, tokens, need_weights=True, average_attn_weights=False
+        )
+    assert per_head.shape == (2, 4, 1, SHAPE[-1])
+    assert torch.allclose(per_head.mean(1)[:, 0], model.last_slice_weights["z"], atol=1e-6)
+
+
+def test_regression_output_shape() -> None:
+    model = ARCHITECTURE(parameters=parameters("regression", pooling="gated"))
+    y = model(torch.randn(SHAPE))
+    assert y.shape == (2, 1)
+
+
+def test_chunked_encoder_gives_the_same_result() -> None:
+    x = torch.randn(SHAPE)
+    whole = build(slice_chunk_size=None).eval()
+    chunked = build(slice_chunk_size=5).eval()
+    chunked.load_state_dict(whole.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(whole(x), chunked(x), atol=1e-5)
+        assert torch.allclose(whole.last_slice_weights["z"], chunked.last_slice_weights["z"], atol=1e-6)
+
+
+def test_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randn(SHAPE)
+    grads = []
+    for checkpointing in (False, True):
+        model = build(slice_chunk_size=8, checkpointing=checkpointing).train()
+        model(x)[:, 1].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_encoder_frozen_for_the_first_steps_and_counter_is_saved() -> None:
+    model = build(freeze_encoder_steps=2).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    encoder_before = {n: p.clone() for n, p in model.encoder.named_parameters()}
+    head_before = model.head.weight.clone()
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(SHAPE))[:, 1].sum().backward()
+        encoder_grads = [p.grad for p in model.encoder.parameters()]
+        if step < 2:
+            assert all(g is None for g in encoder_grads), f"step {step}: encoder should be frozen"
+        else:
+            assert all(g is not None for g in encoder_grads), "step 2: encoder should train"
+        optimizer.step()
+        if step == 1:
+            for name, parameter in model.encoder.named_parameters():
+                assert torch.equal(parameter, encoder_before[name]), name
+            assert not torch.equal(model.head.weight, head_before)
+    assert int(model.encoder_steps_done) == 3
+    assert "encoder_steps_done" in model.state_dict()
+    # evaluation passes do not count as training steps
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(SHAPE))
+    assert int(model.encoder_steps_done) == 3
+    restored = build(freeze_encoder_steps=2)
+    restored.load_state_dict(model.state_dict())
+    assert not restored.encoder_frozen
+
+
+def test_a_different_slice_count_at_inference_works() -> None:
+    model = build(pooling="attention", position_encoding=True).train()
+    model(torch.randn(2, 1, 32, 32, 32))[:, 1].sum().backward()
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, 32, 32, 48))
+    assert y.shape == (1, 2) and torch.isfinite(y).all()
+    assert model.last_slice_weights["z"].shape == (1, 48)
+
+
+def test_grey_input_is_replicated_to_three_channels() -> None:
+    model = build().eval()
+    grey = torch.randn(4, 1, 16, 16)
+    seen = []
+    handle = model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model._encode_chunk(grey)
+    handle.remove()
+    assert seen[0].shape == (4, 3, 16, 16)
+    assert all(torch.equal(seen[0][:, c], grey[:, 0]) for c in range(3))
+
+
+def test_imagenet_normalisation() -> None:
+    model = build(imagenet_normalize=True).eval()
+    seen = []
+    handle = model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model._encode_chunk(torch.full((1, 1, 8, 8), 0.485))
+    handle.remove()
+    assert torch.allclose(seen[0][0, 0], torch.zeros(8, 8), atol=1e-6)
+    assert torch.allclose(seen[0][0, 2], torch.full((8, 8), (0.485 - 0.406) / 0.225), atol=1e-5)
+
+
+def test_other_channel_counts_adapt_the_first_convolution() -> None:
+    model = ARCHITECTURE(parameters=parameters(channels=2))
+    y = model(torch.randn(2, 2, 16, 16, 8))
+    assert y.shape == (2, 2)
+    with pytest.raises(ValueError, match="built for 2 input channels"):
+        model(torch.randn(2, 1, 16, 16, 8))
+    with pytest.raises(ConfigError, match="imagenet_normalize needs 1 or 3 input channels"):
+        ARCHITECTURE(parameters=parameters(channels=2, imagenet_normalize=True))
+
+
+def test_pretrained_encoder_from_a_file(tmp_path: Path) -> None:
+    source = build()
+    encoder_file = tmp_path / "encoder.pth"
+    torch.save(source.encoder.state_dict(), encoder_file)
+    # a GaNDLF-style checkpoint of a whole model: the encoder is found under its prefix
+    checkpoint_file = tmp_path / "dimlift_slice_attention_best.pth.tar"
+    torch.save({"model_state_dict": source.state_dict()}, checkpoint_file)
+    for path in (encoder_file, checkpoint_file):
+        torch.manual_seed(1)
+        loaded = ARCHITECTURE(parameters=parameters(pretrained=str(path)))
+        for name, tensor in source.encoder.state_dict().items():
+            assert torch.equal(loaded.encoder.state_dict()[name], tensor), (path.name, name)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ARCHITECTURE(parameters=parameters(pretrained=str(tmp_path / "missing.pth")))
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_2d_data_is_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match=r"supports model.dimension in \[3\], not 2"):
+        ARCHITECTURE(parameters=parameters(dimension=2))
+    model = build()
+    with pytest.raises(ValueError, match=r"expects input \(B, C, X, Y, Z\); got shape \(2, 1, 32, 32\)"):
+        model(torch.randn(2, 1, 32, 32))
+
+
+def test_unknown_pooling_and_axis_name_the_valid_values() -> None:
+    with pytest.raises(ConfigError, match=r"model.pooling = 'atention'.*\['attention', 'gated', 'mean', 'max'\].*"
+                                          r"Did you mean 'attention'"):
+        build(pooling="atention")
+    with pytest.raises(ConfigError, match=r"model.slice_axis = 'w'.*\['x', 'y', 'z', 'all'\]"):
+        build(slice_axis="w")
+
+
+@pytest.mark.parametrize("size", [0, -4])
+def test_slice_chunk_size_below_one_is_refused(size: int) -> None:
+    with pytest.raises(ConfigError, match=rf"slice_chunk_size = {size}.*at least 1 slice per chunk"):
+        build(slice_chunk_size=size)
+
+
+def test_heads_must_divide_the_features() -> None:
+    with pytest.raises(ConfigError, match=r"model.heads = 7 does not divide the encoder's 128 output features"):
+        build(pooling="attention", heads=7)
+
+
+def test_classification_and_regression_only() -> None:
+    params = parameters()
+    params["problem_type"] = "segmentation"
+    with pytest.raises(ConfigError, match="supports \\['classification', 'regression'\\] problems, not segmentation"):
+        ARCHITECTURE(parameters=params)
+
+
+# --- localisation ---------------------------------------------------------------------------------------------
+
+BAND = (12, 18)  # 6 of 24 slices carry the signal: a share of 0.25
+LOCALISATION_THRESHOLD = 0.5  # mean attention mass on the band must be at least twice its share of slices
+
+
+def _load(csv_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import csv
+
+    import SimpleITK as sitk
+
+    images, labels = [], []
+    with open(csv_path) as handle:
+        for row in csv.DictReader(handle):
+            array = sitk.GetArrayFromImage(sitk.ReadImage(row["Channel_0"])).T  # back to (X, Y, Z)
+            images.append(torch.from_numpy(np.ascontiguousarray(array))[None])
+            labels.append(int(row["ValueToPredict"]))
+    return torch.stack(images).float(), torch.tensor(labels)
+
+
+@pytest.mark.slow
+def test_attention_localises_the_slices_that_carry_the_signal(tmp_path: Path) -> None:
+    """Only slices BAND of the last axis differ between the classes; after a short training the attention mass
+    on them must be at least LOCALISATION_THRESHOLD (their share of the slices is 0.25)."""
+    from gandlf_dimlift.synthetic import write_dataset
+
+    shape = (24, 24, 24)
+    train_x, train_y = _load(write_dataset(tmp_path / "train", "classification", 24, shape, seed=1,
+                                           signal_slices=BAND))
+    test_x, test_y = _load(write_dataset(tmp_path / "test", "classification", 12, shape, seed=2,
+                                         signal_slices=BAND))
+    torch.manual_seed(0)
+    model = ARCHITECTURE(parameters=parameters(pooling="attention", final_layer="logits", slice_chunk_size=None))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(10):  # epochs of 6 batches of 4
+        for batch in torch.randperm(len(train_y), generator=generator).split(4):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(test_x)
+    weights = model.last_slice_weights["z"]
+    accuracy = (logits.argmax(1) == test_y).float().mean().item()
+    positive = test_y == 1
+    mass = weights[positive][:, BAND[0] : BAND[1]].sum(1).mean().item()
+    share = (BAND[1] - BAND[0]) / shape[-1]
+    print(f"localisation: accuracy {accuracy:.2f}, band mass {mass:.3f} vs share {share:.3f}")
+    assert accuracy >= 0.9
+    assert math.isclose(share, 0.25)
+    assert mass >= LOCALISATION_THRESHOLD, f"attention mass on the signal band {mass:.3f} < {LOCALISATION_THRESHOLD}"
