@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gandlf_dimlift import weights
+from gandlf_dimlift.lift import adapt_input_channels
 from gandlf_dimlift.models import common
 from gandlf_dimlift.models.slice_pooling import POOLINGS, SlicePositionEncoding, make_pooling
 from gandlf_dimlift.options import Architecture, ConfigError, Example, Option
@@ -66,19 +67,6 @@ class ImageNetNormalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-
-def adapt_first_conv(encoder: nn.Module, in_channels: int) -> nn.Module:
-    """Adapts a 3-channel 2D encoder to `in_channels` input channels with the package's shared adaptation."""
-    try:
-        from gandlf_dimlift.lift import adapt_input_channels
-    except ImportError:  # the lifting core is not installed in this tree yet: smp's own first-conv patch
-        from segmentation_models_pytorch.encoders._utils import patch_first_conv
-
-        patch_first_conv(encoder, in_channels, default_in_channels=3, pretrained=True)
-        return encoder
-    adapted = adapt_input_channels(encoder, in_channels)
-    return encoder if adapted is None else adapted
 
 
 def _state_dict_prefix(own_keys: list[str], state_dict: dict[str, torch.Tensor]) -> str:
@@ -202,7 +190,7 @@ class SliceAttentionClassifier(nn.Module):
         self.to_rgb = GreyToRGB() if spec.in_channels == 1 else nn.Identity()
         self.normalize = ImageNetNormalize() if imagenet_normalize else nn.Identity()
         encoder = build_encoder(encoder_name, pretrained, encoder_depth)
-        self.encoder = encoder if spec.in_channels in (1, 3) else adapt_first_conv(encoder, spec.in_channels)
+        self.encoder = encoder if spec.in_channels in (1, 3) else adapt_input_channels(encoder, spec.in_channels)
         self.features = int(self.encoder.out_channels[-1])
         self.position = SlicePositionEncoding(self.features) if position_encoding else None
         self.pooling = make_pooling(pooling, self.features, heads=heads, hidden=attention_hidden)
