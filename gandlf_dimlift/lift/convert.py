@@ -84,12 +84,12 @@ def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
     elif t in TORCH_AGNOSTIC or t in TORCH_3D:
         pass
     elif t.__module__.startswith("torch."):
-        raise LiftError("no 3D counterpart is known for this torch module", path=path, module_type=name)
+        raise LiftError("no 3D counterpart is known for this torch module", path=path, module_type=name, modes=())
     elif isinstance(module, _2D_BASES):
         raise LiftError(
             "subclass of a 2D torch layer with behaviour the lift table does not know; add it to "
             "gandlf_dimlift.lift.convert.NAMED_TABLE",
-            path=path, module_type=name,
+            path=path, module_type=name, modes=(),
         )
     else:
         own = [n for n, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -97,7 +97,7 @@ def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
         if own:
             raise LiftError(
                 f"holds 2D (4D-shaped) tensors {own} that no table entry knows how to lift",
-                path=path, module_type=name,
+                path=path, module_type=name, modes=(),
             )
     for child_name, child in list(module.named_children()):
         child_path = f"{path}.{child_name}" if path else child_name

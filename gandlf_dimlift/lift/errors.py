@@ -11,7 +11,7 @@ class LiftError(TypeError):
     Attributes:
         path: Dotted path of the offending module inside the lifted model (``""`` for the root).
         module_type: Qualified type name of the offending module.
-        modes: Lift modes that could work for it (empty when none does).
+        modes: Lift modes that could work for it (empty when none does, ``None`` when unknown).
     """
 
     def __init__(
@@ -20,23 +20,23 @@ class LiftError(TypeError):
         *,
         path: str | None = None,
         module_type: str | None = None,
-        modes: Iterable[str] = (),
+        modes: Iterable[str] | None = None,
     ) -> None:
         self.path = path
         self.module_type = module_type
-        self.modes = tuple(modes)
+        self.modes = tuple(modes) if modes is not None else None
         parts = []
         if path is not None:
             parts.append(f"module {path or '<root>'!r}")
         if module_type is not None:
             parts.append(f"of type {module_type}")
         prefix = (" ".join(parts) + ": ") if parts else ""
-        hint = (
-            f" Modes that could work: {', '.join(self.modes)}."
-            if self.modes
-            else (" No lift mode supports it." if path is not None else "")
-        )
-        super().__init__(prefix + message + hint)
+        message = message.rstrip(".") + "."
+        if self.modes:
+            message += f" Modes that could work: {', '.join(self.modes)}."
+        elif self.modes is not None:
+            message += " No lift mode supports it."
+        super().__init__(prefix + message)
 
 
 def type_name(obj: object) -> str:
