@@ -102,6 +102,29 @@ def _decoder_arguments(options: dict[str, Any]) -> dict[str, Any]:
     return arguments
 
 
+def _replace_unused(net: nn.Module, in_channels: int, size: tuple[int, ...]) -> None:
+    """Replaces modules that a forward pass never calls by nn.Identity.
+
+    smp encoders keep every stage however small `encoder_depth` is (resnet18 at depth 3 still holds layer3 and
+    layer4); those parameters never get a gradient, which wastes memory and breaks DistributedDataParallel.
+    """
+    called: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda module, *_: called.add(module)) for m in net.modules()]
+    training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, in_channels, *size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train(training)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            unused = called.isdisjoint(child.modules())  # containers (ModuleList) are never called themselves
+            if unused and any(True for _ in child.parameters()):
+                setattr(parent, name, nn.Identity())
+
+
 def build_2d(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -> SmpModel:
     """The 2D twin: smp's model (segmentation) or encoder + head, with the encoder's 2D weights."""
     import segmentation_models_pytorch as smp
@@ -120,6 +143,7 @@ def build_2d(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -
     else:
         head = PoolingHead(encoder.out_channels[-1], spec.n_outputs, options["pooling"], options["dropout"])
         net = EncoderClassifier(encoder, head)
+    _replace_unused(net, spec.in_channels, spec.patch_size[:2])
     return SmpModel(net, spec)
 
 

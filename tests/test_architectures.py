@@ -1,0 +1,83 @@
+"""The generic test: every registered architecture's examples, built through GaNDLF's own `get_model`."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from gandlf_dimlift.options import Architecture
+from gandlf_dimlift.registry import load_entries
+
+
+def _examples():
+    for entry in sorted(load_entries(), key=lambda e: e.key):
+        if isinstance(entry.builder, Architecture):
+            for index, example in enumerate(entry.builder.examples):
+                label = f"{entry.key}-{example.problem_type}-{example.dimension}d-{index}"
+                yield pytest.param(entry.key, example, id=label)
+
+
+def _parameters(key, example) -> dict:
+    model = {
+        "architecture": key,
+        "dimension": example.dimension,
+        "num_channels": example.in_channels,
+        "class_list": list(range(example.n_outputs)),
+        "final_layer": "none" if example.problem_type == "regression" else "softmax",
+        "norm_type": "batch",
+        "amp": False,
+        "base_filters": 32,
+        **example.options,
+    }
+    if example.problem_type == "regression":
+        model["num_classes"] = example.n_outputs
+    return {"model": model, "patch_size": list(example.patch_size), "problem_type": example.problem_type,
+            "batch_size": 2}
+
+
+def test_every_registered_architecture_declares_examples():
+    from gandlf_dimlift.registry import registered
+
+    import GANDLF.models  # noqa: F401 - the hook registers on this import
+
+    keys = sorted(registered())
+    assert {"dimlift_smp", "dimlift_dxnet", "dimlift_omnianet", "dimlift_slice_attention"} <= set(keys)
+    for key in keys:
+        builder = registered()[key].builder
+        assert isinstance(builder, Architecture) and builder.examples, f"{key} declares no examples"
+        problems = {e.problem_type for e in builder.examples}
+        assert problems == set(builder.problem_types), f"{key}: examples cover {problems}"
+        assert {e.dimension for e in builder.examples} == set(builder.dimensions), f"{key}: dimensions"
+
+
+@pytest.mark.parametrize("key,example", list(_examples()))
+def test_architecture_contract(key, example):
+    from GANDLF.models import get_model
+
+    torch.manual_seed(0)
+    parameters = _parameters(key, example)
+    model = get_model(parameters)
+    x = torch.randn(2, example.in_channels, *example.patch_size)
+    model.train()
+    y = model(x)
+    expected = (2, example.n_outputs, *example.patch_size) if example.problem_type == "segmentation" else (
+        2, example.n_outputs)
+    assert isinstance(y, torch.Tensor) and tuple(y.shape) == expected
+    assert torch.isfinite(y).all()
+    (y.float() ** 2).mean().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    no_grad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"parameters without a finite gradient: {no_grad[:10]}"
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    twin = get_model(_parameters(key, example))
+    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), twin(x), atol=1e-5)
