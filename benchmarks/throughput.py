@@ -1,0 +1,490 @@
+"""Train-step and inference time, peak memory and FLOP/s of every architecture, GaNDLF baselines and plugin alike.
+
+Every row is built through GaNDLF's own `GANDLF.models.get_model(params)` from a GaNDLF-validated configuration
+(after `import gandlf_dimlift`, which registers the plugin keys), so baselines and plugin rows take the same path.
+Each (row, size) runs in a fresh subprocess, so its peak memory is its own: on CPU the increase of the peak
+resident set size (`resource.getrusage`) over the process's size after building the model and the batch; on CUDA
+`torch.cuda.max_memory_allocated`. FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; the achieved
+FLOP/s of a training step is shown as a share of this machine's measured float32 matmul peak.
+
+A row whose key is not registered, or whose model fails to build or run, becomes a table row with the error.
+
+Usage::
+
+    python -m benchmarks.throughput [--sizes 32 64 128] [--batch 2] [--rows dimlift_smp] [--device cpu|cuda]
+                                    [--reference imagenet_unet] [--out benchmarks/THROUGHPUT.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Keep in step with the families' declared options; a misspelt option shows up as that row's error.
+PRETRAINED_OFF = {"pretrained": False}  # no model hub here: every row starts from random weights
+
+
+@dataclass(frozen=True)
+class Row:
+    """One architecture and setting.
+
+    Attributes:
+        name: Row name (unique; `--rows` filters on it).
+        architecture: GaNDLF `model.architecture` key.
+        task: "segmentation" or "classification".
+        model: Extra keys of the `model:` section.
+        note: Short description for the table.
+        dimension: 3, or 2 for 2D rows (their patch is the size squared).
+    """
+
+    name: str
+    architecture: str
+    task: str
+    model: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    dimension: int = 3
+
+
+ROWS: tuple[Row, ...] = (
+    # GaNDLF baselines
+    Row("resunet", "resunet", "segmentation", {"base_filters": 16}, "GaNDLF residual U-Net, 16 base filters"),
+    Row("imagenet_unet", "imagenet_unet", "segmentation", {"encoder_name": "resnet18", "pretrained": False},
+        "GaNDLF smp U-Net resnet18, its default soft-ACS converter"),
+    Row("resnet18", "resnet18", "classification", {}, "GaNDLF 3D ResNet-18"),
+    Row("densenet121", "densenet121", "classification", {}, "GaNDLF 3D DenseNet-121"),
+    Row("efficientnetb0", "efficientnetb0", "classification", {}, "GaNDLF 3D EfficientNet-B0"),
+    # dimlift_smp: ACS-lifted smp models
+    *(
+        Row(f"dimlift_smp/{mode}", "dimlift_smp", "segmentation",
+            {"encoder_name": "resnet18", "converter_type": mode, **PRETRAINED_OFF}, f"smp U-Net resnet18, {mode}")
+        for mode in ("acs", "soft", "inflate", "2.5d")
+    ),
+    Row("dimlift_smp/cls", "dimlift_smp", "classification",
+        {"encoder_name": "resnet18", "converter_type": "acs", **PRETRAINED_OFF}, "smp resnet18 classifier, acs"),
+    # DX-Net
+    Row("dimlift_dxnet/b0", "dimlift_dxnet", "segmentation", {"variant": "b0", **PRETRAINED_OFF},
+        "DX-Net B0 U-Net (inflated EfficientNet)"),
+    Row("dimlift_dxnet/b0-cls", "dimlift_dxnet", "classification", {"variant": "b0", **PRETRAINED_OFF},
+        "DX-Net B0 classifier"),
+    # slice attention
+    *(
+        Row(f"dimlift_slice_attention/{pooling}", "dimlift_slice_attention", "classification",
+            {"encoder_name": "resnet18", "pooling": pooling, **PRETRAINED_OFF},
+            f"resnet18 per slice, {pooling} pooling")
+        for pooling in ("attention", "gated", "mean")
+    ),
+)
+
+CLASSES = {"segmentation": [0, 1, 2], "classification": [0, 1]}
+
+
+def select_rows(patterns: Sequence[str] | None, rows: Sequence[Row] = ROWS) -> list[Row]:
+    """Rows whose name contains any of `patterns` (all rows when none); raises when nothing matches."""
+    if not patterns:
+        return list(rows)
+    chosen = [row for row in rows if any(p in row.name for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"--rows {list(patterns)} matches no row; rows are: {[r.name for r in rows]}")
+    return chosen
+
+
+def gandlf_parameters(row: Row, size: int, batch: int, num_epochs: int = 1) -> dict[str, Any]:
+    """GaNDLF's parameter dict for `row` at patch `size`, as `gandlf_run` would build it (ConfigManager + headers).
+
+    Importing this registers the plugin keys (``import gandlf_dimlift`` before ``GANDLF``) when it is installed.
+    """
+    from benchmarks.compare import make_config
+
+    config = make_config(row, patch_size=(size,) * row.dimension, batch_size=batch, num_epochs=num_epochs)
+    return config_to_parameters(config, row.task)
+
+
+def config_to_parameters(config: dict[str, Any], task: str) -> dict[str, Any]:
+    """Runs GaNDLF's ConfigManager on `config` and adds the CSV header information `gandlf_run` adds."""
+    try:
+        import gandlf_dimlift  # noqa: F401 - arms the registration of the plugin keys
+    except ImportError:
+        pass
+    import GANDLF.models  # noqa: F401 - registration happens when this is imported
+    from GANDLF.config_manager import ConfigManager
+    from GANDLF.utils import populate_header_in_parameters
+
+    _register()
+    headers = {"subjectIDHeader": 0, "channelHeaders": [1], "labelHeader": None, "predictionHeaders": []}
+    if task == "segmentation":
+        headers["labelHeader"] = 2
+    else:
+        headers["predictionHeaders"] = [2]
+    parameters = ConfigManager(config)
+    return populate_header_in_parameters(parameters, headers)
+
+
+def _register() -> None:
+    try:
+        from gandlf_dimlift.registry import register
+    except ImportError:
+        return
+    try:
+        register()
+    except Exception:  # noqa: BLE001 - an unregistered key is reported by its row
+        pass
+
+
+def check_registered(architecture: str) -> None:
+    from GANDLF.models import global_models_dict
+
+    if architecture not in global_models_dict:
+        plugin = [k for k in global_models_dict if k.startswith("dimlift_")]
+        raise KeyError(
+            f"architecture {architecture!r} is not registered in GaNDLF (registered plugin keys: {plugin}); "
+            "install the plugin (pip install -e .) or wait for its family to land"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- the worker
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _maxrss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class PeakRSS:
+    """Peak resident set size (MiB) over a window, sampled by a background thread every few milliseconds.
+
+    Used with `ru_maxrss` (which only grows over a process's life) so that rows measured in one process still get
+    their own peak; a fresh process per row gives the exact kernel peak too and the larger of the two is kept.
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def measure(row: Row, size: int, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
+    """Builds the row's model through GaNDLF and measures it. Runs inside a fresh process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    result: dict[str, Any] = {"name": row.name, "size": size, "batch": batch, "device": device}
+    if row.task == "classification":
+        # the classification patch is the whole volume; build at the size asked
+        pass
+    parameters = gandlf_parameters(row, size, batch)
+    check_registered(row.architecture)
+    from GANDLF.models import get_model
+
+    model = get_model(parameters).to(device)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    shape = (batch, 1) + (size,) * row.dimension
+    x = torch.randn(shape, device=device)
+    n_classes = len(CLASSES[row.task])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def loss_of(out: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float().square().mean()
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        optimizer.step()
+
+    # FLOPs of one inference forward and of one training step (forward + backward)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    result["output_shape"] = list(out.shape)
+    expected = (batch, n_classes) + ((size,) * row.dimension if row.task == "segmentation" else ())
+    if tuple(out.shape) != expected:
+        result["warning"] = f"output shape {tuple(out.shape)} != expected {expected}"
+    result["infer_flops"] = counter.get_total_flops()
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model(x)).backward()
+    result["train_flops"] = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
+    del out
+    sync()
+
+    base = _rss_mib()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated() / 2**20
+    # inference first (the process peak only grows), then training
+    fresh = _maxrss_mib() <= base + 1.0  # nothing has used more memory in this process yet: ru_maxrss is exact
+    model.eval()
+    times = []
+    with torch.no_grad(), PeakRSS() as sampler:
+        for i in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            if i:  # the first call is a warm-up
+                times.append(time.perf_counter() - start)
+    result["infer_s"] = min(times)
+    if device == "cuda":
+        result["infer_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 - base_cuda
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        peak = max(sampler.peak, _maxrss_mib()) if fresh else sampler.peak
+        result["infer_peak_mib"] = max(peak - base, 0.0)
+    model.train()
+    times = []
+    with PeakRSS() as sampler:
+        for i in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            train_step()
+            sync()
+            if i:
+                times.append(time.perf_counter() - start)
+    result["train_s"] = min(times)
+    if device == "cuda":
+        result["train_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 - base_cuda
+    else:
+        peak = max(sampler.peak, _maxrss_mib()) if fresh else sampler.peak
+        result["train_peak_mib"] = max(peak - base, 0.0)
+    result["isolated"] = fresh
+    return result
+
+
+def matmul_peak(device: str, threads: int | None = None, n: int | None = None, seconds: float = 2.0) -> float:
+    """Measured float32 matmul FLOP/s of this machine (best of repeated n x n products)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    n = n or (8192 if device == "cuda" else 1024)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.matmul(a, b)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+
+def run_in_process(row: Row, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs `measure` in this process (quick mode: saves the ~20 s GaNDLF import per row)."""
+    import gc
+
+    try:
+        result = measure(row, size, args.batch, args.device, args.repeats, args.threads)
+    except Exception as error:  # noqa: BLE001 - reported as the row's error
+        result = {"name": row.name, "size": size, "error": " ".join(f"{type(error).__name__}: {error}".split())[:400]}
+    gc.collect()
+    return result
+
+
+def run_row(row: Row, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs `measure` for one (row, size) in a fresh interpreter; errors become the row's `error`."""
+    if args.in_process:
+        return run_in_process(row, size, args)
+    spec = json.dumps({"row": asdict(row), "size": size, "batch": args.batch, "device": args.device,
+                       "repeats": args.repeats, "threads": args.threads})
+    command = [sys.executable, "-m", "benchmarks.throughput", "--worker", spec]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=root, env=env)
+    except subprocess.TimeoutExpired:
+        return {"name": row.name, "size": size, "error": f"timed out after {args.timeout} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"name": row.name, "size": size, "error": f"exit {done.returncode}: {tail[:300]}"}
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def table(results: list[dict[str, Any]], peak: float, reference: str | None, rows: Sequence[Row]) -> str:
+    """Markdown table of `results`; ratios are against the `reference` row of the same size."""
+    notes = {r.name: r for r in rows}
+    refs = {r["size"]: r for r in results if r["name"] == reference and "error" not in r}
+    lines = [
+        "| row | task | size | params | train step s | infer s | train peak MiB | infer peak MiB | train GFLOP"
+        " | achieved TFLOP/s | % of matmul peak | train time × ref | train mem × ref | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        row = notes.get(r["name"])
+        task = row.task if row else ""
+        note = row.note if row else ""
+        if "error" in r:
+            lines.append(f"| {r['name']} | {task} | {r['size']} | — | — | — | — | — | — | — | — | — | — | "
+                         f"error: {r['error'].replace('|', '/')} |")
+            continue
+        rate = r["train_flops"] / r["train_s"] if r["train_s"] else None
+        ref = refs.get(r["size"])
+        t_ratio = r["train_s"] / ref["train_s"] if ref else None
+        m_ratio = r["train_peak_mib"] / ref["train_peak_mib"] if ref and ref["train_peak_mib"] > 0 else None
+        if r.get("warning"):
+            note = f"{note}; {r['warning']}"
+        lines.append(
+            f"| {r['name']} | {task} | {r['size']}³ | {r['params'] / 1e6:.2f} M | {_fmt(r['train_s'], 3)} | "
+            f"{_fmt(r['infer_s'], 3)} | {_fmt(r['train_peak_mib'], 0)} | {_fmt(r['infer_peak_mib'], 0)} | "
+            f"{r['train_flops'] / 1e9:.1f} | {_fmt(rate / 1e12 if rate else None, 3)} | "
+            f"{_fmt(100 * rate / peak if rate else None, 1)} | {_fmt(t_ratio)} | {_fmt(m_ratio)} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace, peak: float, argv: Sequence[str]) -> str:
+    import platform
+
+    import torch
+
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name(0)
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads"
+    command = "python -m benchmarks.throughput " + " ".join(argv)
+    if args.device == "cuda":
+        memory = "CUDA max_memory_allocated"
+    elif args.in_process:
+        memory = "peak RSS sampled every 2 ms, all rows in one process"
+    else:
+        memory = "peak RSS of a fresh process per row"
+    return (
+        f"Command: `{command}`\n\n"
+        f"Device: {args.device} ({machine}); torch {torch.__version__}; batch {args.batch}; "
+        f"best of {args.repeats} timed steps after one warm-up; every row from random weights.\n\n"
+        f"Measured float32 matmul peak: {peak / 1e12:.3f} TFLOP/s. Train step = forward + backward + Adam step "
+        f"(FLOPs: forward + backward). Peak memory is the increase over the built model and batch "
+        f"({memory}). "
+        f"Ratios are against `{args.reference}` at the same size.\n"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="cubic patch sizes (32 64 128)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (2)")
+    parser.add_argument("--rows", nargs="+", default=None, help="keep rows whose name contains any of these")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--reference", default="imagenet_unet", help="row the ratio columns compare against")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per row after a warm-up (3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per (row, size) process (1800)")
+    parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--json", default=None, help="also write the raw results as JSON")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every row in this process (faster; peak memory from a sampling thread)")
+    parser.add_argument("--isolate", action="store_true", help="with --quick: still one fresh process per row")
+    parser.add_argument("--quick", action="store_true", help="size 32, one timed step, rows measured in-process")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = args.sizes or [32]
+        args.repeats = args.repeats or 1
+        args.in_process = args.in_process or not args.isolate
+    args.sizes = args.sizes or [32, 64, 128]
+    args.repeats = args.repeats or 3
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        row = Row(**spec.pop("row"))
+        try:
+            result = measure(row, **spec)
+        except Exception as error:  # noqa: BLE001 - reported as the row's error
+            message = " ".join(f"{type(error).__name__}: {error}".split())
+            result = {"name": row.name, "size": spec["size"], "error": message[:400]}
+        print("RESULT " + json.dumps(result), flush=True)
+        return [result]
+    rows = select_rows(args.rows)
+    if args.list:
+        for row in rows:
+            print(f"{row.name:36s} {row.architecture:26s} {row.task:15s} {row.model}")
+        return []
+    peak = matmul_peak(args.device, args.threads)
+    results = []
+    for size in args.sizes:
+        for row in rows:
+            result = run_row(row, size, args)
+            results.append(result)
+            status = result.get("error") or f"train {result['train_s']:.3f} s, infer {result['infer_s']:.3f} s"
+            print(f"[throughput] {row.name} {size}^3: {status}", file=sys.stderr, flush=True)
+    text = header(args, peak, argv) + "\n" + table(results, peak, args.reference, rows) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peak_flops": peak, "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
