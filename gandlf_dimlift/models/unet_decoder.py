@@ -81,7 +81,7 @@ class UNetDecoder(nn.Module):
             )
         stages = []
         previous = bottleneck_channels
-        for skip, channels, stride in zip(reversed(list(skip_channels)), decoder_channels, strides):
+        for skip, channels, stride in zip(reversed(list(skip_channels)), decoder_channels, strides, strict=True):
             stages.append(UpStage(previous, skip, channels, tuple(stride), dimension, norm))
             previous = channels
         self.stages = nn.ModuleList(stages)
@@ -90,6 +90,6 @@ class UNetDecoder(nn.Module):
     def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         """Decodes `bottleneck` with `skips` ordered finest first."""
         x = bottleneck
-        for stage, skip in zip(self.stages, reversed(list(skips))):
+        for stage, skip in zip(self.stages, reversed(list(skips)), strict=True):
             x = stage(x, skip)
         return x

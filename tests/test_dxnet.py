@@ -1,0 +1,355 @@
+"""DX-Net (3D) and Omnia-Net (2D): size, variants, inflation, dimensional transfer, errors, and gandlf_run."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gandlf_dimlift.models import dxnet
+from gandlf_dimlift.models.dxnet import DXNET, OMNIANET
+from gandlf_dimlift.options import ConfigError
+from gandlf_dimlift.weights import WeightsError
+
+
+def parameters(
+    architecture: str = "dimlift_dxnet",
+    problem_type: str = "segmentation",
+    patch_size=(32, 32, 32),
+    n_classes: int = 2,
+    in_channels: int = 1,
+    **options,
+) -> dict:
+    """A GaNDLF parameters dictionary as GaNDLF hands it to a model builder."""
+    dimension = len(patch_size)
+    return {
+        "model": {
+            "architecture": architecture,
+            "dimension": dimension,
+            "num_channels": in_channels,
+            "class_list": list(range(n_classes)),
+            "final_layer": "softmax" if problem_type != "regression" else "none",
+            "norm_type": "batch",
+            "pretrained": False,
+            **options,
+        },
+        "problem_type": problem_type,
+        "patch_size": list(patch_size) + [1] * (3 - dimension),
+    }
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Gives every norm layer non-trivial statistics and affine parameters, so eval-mode comparisons mean something."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            module.weight.data.copy_(1 + 0.1 * torch.randn(n, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
+
+
+def conv_weights(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if k.startswith(prefix) and k.endswith("weight") and v.dim() >= 4}
+
+
+def assert_inflated(w3: torch.Tensor, w2: torch.Tensor, key: str) -> None:
+    """`inflate`: a conv kernel repeated along the slice axis and divided by its extent; a transposed conv whose
+    kernel equals its stride (one tap per output plane) repeated undivided."""
+    assert w3.dim() == w2.dim() + 1, key
+    if key.endswith(".up.weight"):
+        for plane in range(w3.shape[-1]):
+            torch.testing.assert_close(w3[..., plane], w2, rtol=1e-5, atol=1e-6, msg=key)
+    else:
+        torch.testing.assert_close(w3.sum(-1), w2, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def save_gandlf_checkpoint(model: nn.Module, run_dir: Path, architecture: str, dimension: int) -> Path:
+    """Writes what a GaNDLF run leaves: `<arch>_best.pth.tar` with `model_state_dict`, and `parameters.pkl`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"{architecture}_best.pth.tar"
+    torch.save({"epoch": 0, "model_state_dict": model.state_dict()}, path)
+    with open(run_dir / "parameters.pkl", "wb") as handle:
+        pickle.dump({"model": {"architecture": architecture, "dimension": dimension}}, handle)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Size and variants
+
+
+def test_b0_segmentation_parameter_count_is_below_20m():
+    model = DXNET(parameters=parameters())
+    count = n_parameters(model)
+    encoder = n_parameters(model.encoder)
+    print(f"dimlift_dxnet b0 segmentation (1 channel, 2 classes): {count:,} parameters ({encoder:,} in the encoder)")
+    assert count < 20_000_000
+    # Depthwise convs stay depthwise: a dense 3D depthwise layer would put the encoder far above 100 M.
+    depthwise = [m for m in model.encoder.modules() if isinstance(m, nn.Conv3d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+
+
+@pytest.mark.parametrize("variant", dxnet.VARIANTS)
+def test_every_variant_builds(variant):
+    model = DXNET(parameters=parameters(variant=variant))
+    name = dxnet.encoder_name("efficientnet", variant)
+    import segmentation_models_pytorch as smp
+
+    expected = smp.encoders.encoders[name]["params"]["out_channels"]
+    assert tuple(model.encoder.out_channels[1:]) == tuple(expected[1:])
+    if variant in ("b0", "b1", "b2", "b3"):
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 1, 32, 32, 32))
+        assert out.shape == (1, 2, 32, 32, 32)
+        assert torch.isfinite(out).all()
+
+
+def test_timm_family_builds_in_3d_and_runs():
+    model = DXNET(parameters=parameters(encoder_family="timm-efficientnet", problem_type="classification"))
+    model.train()
+    out = model(torch.randn(2, 1, 32, 32, 32))
+    assert out.shape == (2, 2)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inflation
+
+
+def _twins(converter_type: str, problem_type: str = "segmentation", **options):
+    """A random 2D Omnia-Net with non-trivial norm statistics, and its lift to 3D."""
+    spec = dxnet.ModelSpec.from_parameters(parameters(problem_type=problem_type, **options))
+    resolved = DXNET.resolve({"converter_type": converter_type, "pretrained": False, **options})
+    model_2d = dxnet._build_2d(spec, resolved, None, dxnet.DXNET_KEY)
+    randomise_batchnorm(model_2d)
+    model_3d = dxnet._lift(copy.deepcopy(model_2d), spec, resolved)
+    return model_2d.eval(), model_3d.eval()
+
+
+def test_inflate_depth_constant_volume_gives_the_2d_encoder_features():
+    """Default (zero) slice padding: interior slices match the 2D encoder at every level.
+
+    The volume is deep (192 slices) so that even at /32 the middle slice is far from the zero-padded borders;
+    squeeze-excitation averages over all slices, borders included, which leaves a ~1e-5 difference.
+    """
+    torch.manual_seed(0)
+    model_2d, model_3d = _twins("inflate")
+    image = torch.randn(1, 1, 32, 32)
+    volume = image[..., None].expand(1, 1, 32, 32, 192).contiguous()
+    with torch.no_grad():
+        features_2d = model_2d.encoder(image)
+        features_3d = model_3d.encoder(volume)
+    assert [f.shape[-1] for f in features_3d[1:]] == [96, 48, 24, 12, 6]
+    for level, (f2, f3) in enumerate(zip(features_2d[1:], features_3d[1:], strict=True), start=1):
+        interior = f3[..., f3.shape[-1] // 2]
+        error = (interior - f2).abs().max().item()
+        assert error <= 1e-4, f"level {level}: max error {error:.2e} (feature scale {f2.abs().max().item():.2e})"
+
+
+def test_replicate_slice_padding_gives_the_2d_encoder_features_on_every_slice():
+    torch.manual_seed(1)
+    model_2d, model_3d = _twins("inflate", slice_padding="replicate")
+    image = torch.randn(1, 1, 64, 64)
+    volume = image[..., None].expand(1, 1, 64, 64, 32).contiguous()
+    with torch.no_grad():
+        features_2d = model_2d.encoder(image)
+        features_3d = model_3d.encoder(volume)
+        out_2d = model_2d(image)
+        out_3d = model_3d(volume)
+    for f2, f3 in zip(features_2d[1:], features_3d[1:], strict=True):
+        torch.testing.assert_close(f3, f2[..., None].expand_as(f3), rtol=1e-4, atol=1e-4)
+    # The decoder is inflated too: the whole network reproduces the 2D network on every slice.
+    torch.testing.assert_close(out_3d, out_2d[..., None].expand_as(out_3d), rtol=1e-4, atol=1e-4)
+
+
+def test_inflate_center_puts_the_2d_kernel_in_the_middle_plane():
+    model_2d, model_3d = _twins("inflate_center")
+    for key, w2 in conv_weights(model_2d, "encoder.").items():
+        w3 = model_3d.state_dict()[key]
+        assert w3.dim() == 5
+        middle = w3.shape[-1] // 2
+        torch.testing.assert_close(w3[..., middle], w2)
+        assert w3.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-5)
+
+
+def test_inflated_kernels_sum_to_the_2d_kernels_along_the_slice_axis():
+    model_2d, model_3d = _twins("inflate")
+    state_3d = model_3d.state_dict()
+    for prefix in ("encoder.", "decoder.", "full_resolution."):
+        for key, w2 in conv_weights(model_2d, prefix).items():
+            assert_inflated(state_3d[key], w2, key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Anisotropic inflation
+
+
+def test_anisotropic_inflation_keeps_the_slice_axis_until_the_chosen_stage():
+    model = DXNET(parameters=parameters(patch_size=(64, 64, 8), slice_stride_from_stage=3)).eval()
+    with torch.no_grad():
+        features = model.encoder(torch.randn(1, 1, 64, 64, 8))
+        out = model(torch.randn(1, 1, 64, 64, 8))
+    assert [tuple(f.shape[2:]) for f in features[1:]] == [(32, 32, 8), (16, 16, 8), (8, 8, 4), (4, 4, 2), (2, 2, 1)]
+    assert out.shape == (1, 2, 64, 64, 8)
+
+
+def test_anisotropic_inflation_with_depth_constant_volume_still_matches_2d():
+    torch.manual_seed(1)
+    model_2d, model_3d = _twins("inflate", slice_stride_from_stage=4, slice_padding="replicate")
+    image = torch.randn(1, 1, 64, 64)
+    volume = image[..., None].expand(1, 1, 64, 64, 8).contiguous()
+    with torch.no_grad():
+        features_2d = model_2d.encoder(image)
+        features_3d = model_3d.encoder(volume)
+        out_2d = model_2d(image)
+        out_3d = model_3d(volume)
+    assert [f.shape[-1] for f in features_3d[1:]] == [8, 8, 8, 4, 2]
+    for f2, f3 in zip(features_2d[1:], features_3d[1:], strict=True):
+        torch.testing.assert_close(f3, f2[..., None].expand_as(f3), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_3d, out_2d[..., None].expand_as(out_3d), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dimensional transfer from weights files
+
+
+def test_omnianet_checkpoint_initialises_dxnet_encoder_and_decoder(tmp_path):
+    torch.manual_seed(2)
+    omnianet = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32)))
+    randomise_batchnorm(omnianet)
+    checkpoint = save_gandlf_checkpoint(omnianet, tmp_path / "run2d", "dimlift_omnianet", 2)
+    model = DXNET(parameters=parameters(pretrained=str(checkpoint)))
+    state_3d = model.state_dict()
+    transferred = 0
+    for prefix in ("encoder.", "full_resolution.", "decoder.", "segmentation_head."):
+        for key, w2 in conv_weights(omnianet, prefix).items():
+            assert_inflated(state_3d[key], w2, key)
+            transferred += 1
+    assert transferred == len(conv_weights(omnianet, "")) > 90  # every kernel of the 2D network
+    for key, value in omnianet.state_dict().items():
+        if "running_mean" in key or "running_var" in key:
+            torch.testing.assert_close(state_3d[key], value)
+
+
+def test_classification_checkpoint_transfers_the_encoder_only(tmp_path):
+    omnianet = OMNIANET(parameters=parameters("dimlift_omnianet", "classification", patch_size=(32, 32)))
+    checkpoint = save_gandlf_checkpoint(omnianet, tmp_path / "run2d", "dimlift_omnianet", 2)
+    model = DXNET(parameters=parameters(pretrained=str(checkpoint)))
+    for key, w2 in conv_weights(omnianet, "encoder.").items():
+        assert_inflated(model.state_dict()[key], w2, key)
+
+
+def test_dxnet_checkpoint_reloads_into_dxnet(tmp_path):
+    source = DXNET(parameters=parameters())
+    randomise_batchnorm(source)
+    checkpoint = save_gandlf_checkpoint(source, tmp_path / "run3d", "dimlift_dxnet", 3)
+    model = DXNET(parameters=parameters(pretrained=str(checkpoint)))
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_encoder_state_dict_file_initialises_the_encoder(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    encoder = smp.encoders.get_encoder("efficientnet-b0", in_channels=3, depth=5, weights=None)
+    state = dict(encoder.state_dict())
+    state["_fc.weight"] = torch.zeros(1000, 1280)  # a classifier checkpoint also holds its head
+    path = tmp_path / "efficientnet_b0_2d.pth"
+    torch.save(state, path)
+    model = DXNET(parameters=parameters(pretrained=str(path), problem_type="classification"))
+    stem_3d = model.state_dict()["encoder._conv_stem.weight"]
+    torch.testing.assert_close(stem_3d.sum(-1), state["_conv_stem.weight"].sum(1, keepdim=True))
+    key = "encoder._blocks.3._depthwise_conv.weight"
+    torch.testing.assert_close(model.state_dict()[key].sum(-1), state[key[len("encoder."):]])
+
+
+def test_imagenet_tag_loads_through_smp_cache(tmp_path, monkeypatch):
+    """The real smp/torch.hub path: a file pre-placed where torch.hub caches the ImageNet checkpoint is used."""
+    import os
+
+    import segmentation_models_pytorch as smp
+
+    url = smp.encoders.encoders["efficientnet-b0"]["pretrained_settings"]["imagenet"]["url"]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(url)
+    cache.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    reference = smp.encoders.get_encoder("efficientnet-b0", in_channels=3, depth=5, weights=None)
+    torch.save(reference.state_dict(), cache)
+    model = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32), pretrained="imagenet"))
+    stem = reference.state_dict()["_conv_stem.weight"]
+    torch.testing.assert_close(model.state_dict()["encoder._conv_stem.weight"], stem.sum(1, keepdim=True))
+    key = "_blocks.5._project_conv.weight"
+    torch.testing.assert_close(model.state_dict()[f"encoder.{key}"], reference.state_dict()[key])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_variant_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"b9.*b0.*b7"):
+        DXNET(parameters=parameters(variant="b9"))
+
+
+def test_patch_not_divisible_by_32_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"48.*not divisible by 32.*32 and 64"):
+        DXNET(parameters=parameters(patch_size=(64, 48, 32)))
+    with pytest.raises(ConfigError, match=r"40.*not divisible by 32"):
+        OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(40, 64)))
+
+
+def test_patch_not_divisible_by_the_anisotropic_stride_is_a_clear_error():
+    # Stages 3, 4 and 5 halve the slice axis: it must be a multiple of 8.
+    with pytest.raises(ConfigError, match=r"axis z.*12.*not divisible by 8.*stage 3"):
+        DXNET(parameters=parameters(patch_size=(64, 64, 12), slice_stride_from_stage=3))
+    DXNET(parameters=parameters(patch_size=(64, 64, 8), slice_stride_from_stage=3))
+
+
+def test_noisy_student_on_the_efficientnet_family_names_the_timm_family():
+    with pytest.raises(ConfigError, match=r"noisy-student.*timm-efficientnet-b0.*encoder_family"):
+        DXNET(parameters=parameters(pretrained="noisy-student"))
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    from GANDLF.models import global_models_dict
+
+    gandlf_parameters = parameters("resunet")
+    gandlf_parameters["model"].update({"base_filters": 4, "amp": False})
+    gandlf_parameters["batch_size"] = 1
+    resunet = global_models_dict["resunet"](parameters=gandlf_parameters)
+    checkpoint = save_gandlf_checkpoint(resunet, tmp_path / "resunet_run", "resunet", 3)
+    with pytest.raises(ConfigError, match=r"architecture 'resunet'.*dimlift_omnianet.*dimlift_dxnet"):
+        DXNET(parameters=parameters(pretrained=str(checkpoint)))
+
+
+def test_3d_checkpoint_given_to_the_2d_model_is_a_clear_error(tmp_path):
+    source = DXNET(parameters=parameters())
+    checkpoint = save_gandlf_checkpoint(source, tmp_path / "run3d", "dimlift_dxnet", 3)
+    with pytest.raises(ConfigError, match=r"3D weights.*2D model.*from 2D to 3D"):
+        OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32), pretrained=str(checkpoint)))
+
+
+def test_checkpoint_of_another_variant_names_the_options_to_check(tmp_path):
+    omnianet = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32), variant="b1"))
+    checkpoint = save_gandlf_checkpoint(omnianet, tmp_path / "run2d", "dimlift_omnianet", 2)
+    with pytest.raises(WeightsError, match=r"do not fit.*model.variant"):
+        DXNET(parameters=parameters(pretrained=str(checkpoint)))
+
+
+def test_2d_input_to_the_3d_model_is_a_clear_error():
+    model = DXNET(parameters=parameters(problem_type="classification"))
+    with pytest.raises(ValueError, match=r"3D.*\(B, C, X, Y, Z\).*\(1, 1, 32, 32\)"):
+        model(torch.randn(1, 1, 32, 32))
