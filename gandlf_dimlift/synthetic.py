@@ -148,7 +148,9 @@ def make_config(
         "parallel_compute_command": "",
         "data_preprocessing": {"normalize": None},
         "data_augmentation": {},
-        "save_output": True,
+        # GaNDLF 0.1.5 validates classification/regression subjects without a Label column on its segmentation
+        # path, whose saving step then crashes: save validation outputs for segmentation only.
+        "save_output": task == "segmentation",
         "verbose": False,
     }
 

@@ -52,10 +52,11 @@ def run_gandlf(
     return result
 
 
-def inference_outputs(model_dir: Path) -> list[Path]:
-    """Files GaNDLF's inference wrote: segmentation masks per subject, or the predictions CSV."""
-    folder = Path(model_dir) / "output_inference"
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+def inference_outputs(model_dir: Path, output_dir: Path | None = None) -> list[Path]:
+    """Files GaNDLF 0.1.5's inference wrote: segmentation masks per subject (under the model folder's
+    `output_inference`) and, for classification and regression, `final_preds_and_avg_probs.csv` (under `-o`)."""
+    folders = [Path(model_dir) / "output_inference"] + ([Path(output_dir)] if output_dir else [])
+    return sorted(p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.fixture

@@ -75,8 +75,13 @@ def _decoder_arguments(options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"model.encoder_depth = {depth}: smp's {decoder} uses all 5 encoder stages; set 5.")
     else:
         arguments["encoder_depth"] = depth
+    # smp's default output upsampling assumes the decoder's default depth: scale it back to the input size.
     if decoder == "pspnet":
-        arguments["upsampling"] = 2**depth  # smp's default (8) assumes its default depth 3
+        arguments["upsampling"] = 2**depth
+    if decoder == "fpn":
+        if depth < 3:
+            raise ConfigError(f"model.encoder_depth = {depth}: smp's fpn needs at least 3 encoder stages.")
+        arguments["upsampling"] = 2 ** (depth - 3)
     if channels is not None:
         if decoder in STAGE_CHANNEL_DECODERS:
             if not isinstance(channels, tuple) or len(channels) != depth:
