@@ -7,6 +7,8 @@ three axes (over the two in-plane axes in ``2.5d``, so the lifted model stays th
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -102,3 +104,39 @@ class LiftedSqueezeExcite(nn.Module):
 @register("timm.models._efficientnet_blocks.SqueezeExcite")
 def _lift_timm_se(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
     return LiftedSqueezeExcite(m, spec)
+
+
+def _vgg_stages(self: nn.Module) -> list[nn.Module]:
+    # smp's VGGEncoder.get_stages splits ``features`` at nn.MaxPool2d: split at the lifted pools
+    stages, current = [], []
+    for module in self.features:
+        if isinstance(module, nn.MaxPool3d):
+            stages.append(nn.Sequential(*current))
+            current = []
+        current.append(module)
+    stages.append(nn.Sequential(*current))
+    return stages
+
+
+@register("segmentation_models_pytorch.encoders.vgg.VGGEncoder")
+def _lift_vgg(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    m.get_stages = types.MethodType(_vgg_stages, m)
+    return m
+
+
+class LiftedMobileOneSE(nn.Module):
+    """MobileOne's ``SEBlock`` in 3D (children ``reduce``, ``expand``)."""
+
+    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
+        super().__init__()
+        self._pool_dims = pool_dims(spec)
+        _adopt(self, old)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        s = torch.relu(self.reduce(x.mean(self._pool_dims, keepdim=True)))
+        return x * torch.sigmoid(self.expand(s))
+
+
+@register("segmentation_models_pytorch.encoders.mobileone.SEBlock")
+def _lift_mobileone_se(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    return LiftedMobileOneSE(m, spec)

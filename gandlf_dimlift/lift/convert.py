@@ -68,7 +68,9 @@ def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
     t = type(module)
     name = type_name(module)
     if t in TORCH_TABLE:
-        return TORCH_TABLE[t](module, spec, path)
+        new = TORCH_TABLE[t](module, spec, path)
+        new.train(module.training)  # a fresh module would otherwise start in training mode
+        return new
     if name in NAMED_REJECT:
         why, modes = NAMED_REJECT[name]
         raise LiftError(why, path=path, module_type=name, modes=[m for m in modes if m != spec.mode])

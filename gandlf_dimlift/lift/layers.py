@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import LiftError, type_name
-from .ops import ACSConv3d, BatchNormAct3d, SameConv3d
+from .ops import ACSConv3d, BatchNormAct3d, SameConv3d, SliceGroupNorm, SliceInstanceNorm
 from .resize import Interpolate3d
 from .spec import ACS_MODES, LiftSpec, as_pair
 
@@ -63,16 +63,17 @@ def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) ->
         p = (0, 0)
     bias = m.bias is not None
     if spec.mode in ACS_MODES:
-        if not (k[0] == k[1] and s[0] == s[1] and d[0] == d[1] and (isinstance(p, str) or p[0] == p[1])):
+        if s[0] != s[1]:
             raise LiftError(
-                f"ACS needs a square kernel with equal stride/padding/dilation on both axes, got kernel {k}, "
-                f"stride {s}, padding {p}, dilation {d}",
-                path=path, module_type=type_name(m), modes=_DENSE_OK,
+                f"ACS needs the same stride on both axes, got {s}", path=path, module_type=type_name(m), modes=_DENSE_OK
             )
-        padding = "tf_same" if tf_same else (p if isinstance(p, str) else p[0])
-        new = ACSConv3d(
-            m.in_channels, m.out_channels, k[0], s[0], padding, d[0], m.groups, bias, m.padding_mode, spec.mode
-        )
+        try:
+            new = ACSConv3d(
+                m.in_channels, m.out_channels, k, s[0], "tf_same" if tf_same else p, d, m.groups, bias,
+                m.padding_mode, spec.mode,
+            )
+        except ValueError as err:
+            raise LiftError(str(err), path=path, module_type=type_name(m), modes=_DENSE_OK) from None
         with torch.no_grad():
             new.weight.copy_(m.weight)
             if bias:
@@ -135,8 +136,22 @@ def lift_batchnorm(m: nn.BatchNorm2d, spec: LiftSpec, path: str) -> nn.Module:
 
 
 def lift_instancenorm(m: nn.InstanceNorm2d, spec: LiftSpec, path: str) -> nn.Module:
-    """InstanceNorm2d -> InstanceNorm3d, affine parameters and running statistics kept."""
-    new = nn.InstanceNorm3d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    """InstanceNorm2d -> InstanceNorm3d (per slice in 2.5d), affine parameters and running statistics kept."""
+    if spec.per_slice:
+        new = SliceInstanceNorm(
+            m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, slice_dim=2 + spec.new_dim
+        )
+    else:
+        new = nn.InstanceNorm3d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    new.load_state_dict(m.state_dict())
+    return _like(new, m)
+
+
+def lift_groupnorm(m: nn.GroupNorm, spec: LiftSpec, path: str) -> nn.Module:
+    """GroupNorm works on any shape; in 2.5d its statistics are taken per slice, as the 2D model does."""
+    if not spec.per_slice:
+        return m
+    new = SliceGroupNorm(m.num_groups, m.num_channels, m.eps, m.affine, slice_dim=2 + spec.new_dim)
     new.load_state_dict(m.state_dict())
     return _like(new, m)
 
@@ -212,6 +227,7 @@ TORCH_TABLE = {
     nn.ConvTranspose2d: lift_conv_transpose,
     nn.BatchNorm2d: lift_batchnorm,
     nn.InstanceNorm2d: lift_instancenorm,
+    nn.GroupNorm: lift_groupnorm,
     nn.MaxPool2d: lift_maxpool,
     nn.AvgPool2d: lift_avgpool,
     nn.AdaptiveAvgPool2d: lift_adaptive_avgpool,
@@ -230,7 +246,7 @@ TORCH_AGNOSTIC = frozenset(
         nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
         nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Softsign,
         nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
-        nn.Dropout, nn.AlphaDropout, nn.GroupNorm, nn.Linear, nn.Flatten,
+        nn.Dropout, nn.AlphaDropout, nn.Linear, nn.Flatten,
     }
 )
 
@@ -242,6 +258,6 @@ TORCH_3D = frozenset(
     {
         nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d,
         nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.Dropout3d, nn.ZeroPad3d, nn.ConstantPad3d,
-        nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d,
+        nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d, SliceGroupNorm, SliceInstanceNorm,
     }
 )

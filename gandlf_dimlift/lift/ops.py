@@ -23,6 +23,7 @@ on the layers it supports.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -112,26 +113,29 @@ class SameConv3d(nn.Conv3d):
 class ACSConv3d(nn.Module):
     """ACS convolution (``acs``), soft ACS (``soft``) and mean ACS (``mean``) over a 2D kernel.
 
-    The 2D weight ``(out, in / groups, k, k)`` is kept as is (same parameters as the 2D layer).
-    ``acs`` splits the output channels in three groups convolved as ``(1, k, k)``, ``(k, 1, k)`` and
-    ``(k, k, 1)`` (thin along X, Y, Z); ``soft`` and ``mean`` convolve every output channel in all three
-    views and mix them with learned softmax weights (``soft_w_core``, shape ``(out, 3)``) or equally.
+    The 2D weight ``(out, in / groups, kh, kw)`` is kept as is (same parameters as the 2D layer).
+    ``acs`` splits the output channels in three groups convolved as ``(1, kh, kw)``, ``(kh, 1, kw)``
+    and ``(kh, kw, 1)`` (thin along X, Y, Z; ``kh`` on the first remaining axis); ``soft`` and ``mean``
+    convolve every output channel in all three views and mix them with learned softmax weights
+    (``soft_w_core``, shape ``(out, 3)``) or equally.
 
     ``soft_w_core`` is initialised to zeros, so the softmax starts at 1/3 per view: a freshly lifted
-    ``soft`` layer equals ``mean`` and the learning starts from the transferred weights, not from a
-    random mix (``acsconv.SoftACSConv`` draws them with ``torch.rand``).
+    ``soft`` layer equals ``mean`` and learning starts from the transferred weights, not from a random
+    mix (``acsconv.SoftACSConv`` draws them with ``torch.rand``).
 
     Any grouping is supported: each view's channel range is computed as at most three convs (the
-    partial group at each end and the whole groups in between).
+    partial group at each end and the whole groups in between). A non-square kernel (Inception's
+    ``1x7``) is supported when its stride is 1 and its padding keeps the size ("same"), so every view
+    gives the same output shape; along the thin axis it reads one plane.
 
     Args:
         in_channels: Input channels.
         out_channels: Output channels.
-        kernel_size: Kernel extent (square 2D kernel).
+        kernel_size: Kernel extent, an int or ``(kh, kw)``.
         stride: Stride (same on every axis).
-        padding: Padding per side (int), a ``(left, right)`` pair, ``"same"``, ``"valid"``, or
-            ``"tf_same"`` (TensorFlow SAME, from the input size).
-        dilation: Dilation (same on every axis).
+        padding: Padding per side (an int or ``(ph, pw)``), ``"same"``, ``"valid"``, or ``"tf_same"``
+            (TensorFlow SAME, computed from the input size).
+        dilation: Dilation, an int or ``(dh, dw)``.
         groups: Conv groups.
         bias: Whether to add a bias.
         padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
@@ -143,10 +147,10 @@ class ACSConv3d(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
+        kernel_size: int | tuple[int, int],
         stride: int = 1,
         padding: int | tuple[int, int] | str = 0,
-        dilation: int = 1,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
@@ -160,10 +164,22 @@ class ACSConv3d(nn.Module):
             raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
         if padding_mode not in _PAD_MODES:
             raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        kernel, dil = _pair(kernel_size), _pair(dilation)
+        pad = padding if isinstance(padding, str) else _pair(padding)
+        self.isotropic = kernel[0] == kernel[1] and dil[0] == dil[1] and (isinstance(pad, str) or pad[0] == pad[1])
+        if not self.isotropic:
+            keeps_size = pad == "same" or (pad == "tf_same" and stride == 1) or (
+                not isinstance(pad, str) and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, pad, dil, strict=True))
+            )
+            if stride != 1 or not keeps_size:
+                raise ValueError(
+                    f"a non-square ACS kernel {kernel} needs stride 1 and size-keeping padding, got stride {stride}, "
+                    f"padding {padding}"
+                )
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
-        self.padding, self.padding_mode, self.mode = padding, padding_mode, mode
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.kernel_size, self.stride, self.dilation, self.groups = kernel, stride, dil, groups
+        self.padding, self.padding_mode, self.mode = pad, padding_mode, mode
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         if mode == "soft":
             self.soft_w_core = nn.Parameter(torch.zeros(out_channels, 3))
@@ -173,9 +189,6 @@ class ACSConv3d(nn.Module):
         if sum(acs_kernel_split) != out_channels:
             raise ValueError(f"acs_kernel_split {acs_kernel_split} does not sum to {out_channels}")
         self.acs_kernel_split = tuple(acs_kernel_split)
-        bounds = [0, *torch.tensor(self.acs_kernel_split).cumsum(0).tolist()]
-        ranges = [(bounds[v], bounds[v + 1]) for v in range(3)] if mode == "acs" else [(0, out_channels)] * 3
-        self._pieces = [_group_pieces(lo, hi, out_channels, in_channels, groups) for lo, hi in ranges]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -186,8 +199,9 @@ class ACSConv3d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _axis_pads(self, length: int) -> tuple[int, int]:
-        k, d = self.kernel_size, self.dilation
+    def _pads(self, length: int, i: int) -> tuple[int, int]:
+        """Padding of an axis of ``length`` that carries the 2D kernel's dim ``i``."""
+        k, d = self.kernel_size[i], self.dilation[i]
         if self.padding == "tf_same":
             return tf_same_pads(length, k, self.stride, d)
         if self.padding == "same":
@@ -195,23 +209,28 @@ class ACSConv3d(nn.Module):
             return total // 2, total - total // 2
         if self.padding == "valid":
             return 0, 0
-        if isinstance(self.padding, int):
-            return self.padding, self.padding
-        return tuple(self.padding)  # type: ignore[return-value]
+        return self.padding[i], self.padding[i]
 
-    def _view(self, x: torch.Tensor, view: int, pads: list[tuple[int, int]]) -> torch.Tensor:
-        k, d = self.kernel_size, self.dilation
-        centre = (k - 1) // 2
-        left, right = pads[view]
-        view_pads = list(pads)
-        # the thin axis reads the centre tap of the cubic footprint only
-        view_pads[view] = (left - centre * d, right - (k - 1 - centre) * d)
-        dilation = [d, d, d]
-        dilation[view] = 1
+    def _view(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        plane = [a for a in range(3) if a != view]
+        view_pads: list[tuple[int, int]] = [(0, 0)] * 3
+        dilation = [1, 1, 1]
+        for i, axis in enumerate(plane):
+            view_pads[axis] = self._pads(x.shape[2 + axis], i)
+            dilation[axis] = self.dilation[i]
+        if self.isotropic:
+            # the thin axis reads the centre tap of the cubic footprint, with that footprint's padding
+            k, d = self.kernel_size[0], self.dilation[0]
+            centre = (k - 1) // 2
+            left, right = self._pads(x.shape[2 + view], 0)
+            view_pads[view] = (left - centre * d, right - (k - 1 - centre) * d)
         native = self.padding_mode == "zeros" and all(lo == hi and lo >= 0 for lo, hi in view_pads)
         conv_padding = tuple(lo for lo, _ in view_pads) if native else 0
+        split = self.acs_kernel_split
+        lo = sum(split[:view]) if self.mode == "acs" else 0
+        hi = lo + split[view] if self.mode == "acs" else self.out_channels
         outs = []
-        for o_lo, o_hi, i_lo, i_hi, groups in self._pieces[view]:
+        for o_lo, o_hi, i_lo, i_hi, groups in _group_pieces(lo, hi, self.out_channels, self.in_channels, self.groups):
             xin = x if (i_lo == 0 and i_hi == x.shape[1]) else x[:, i_lo:i_hi]
             if not native:
                 xin = pad_or_crop(xin, view_pads, self.padding_mode)
@@ -221,15 +240,16 @@ class ACSConv3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         check_5d(x, type(self).__name__)
-        pads = [self._axis_pads(n) for n in x.shape[2:]]
-        views = [self._view(x, v, pads) for v in range(3) if self._pieces[v]]
         if self.mode == "acs":
+            views = [self._view(x, v) for v in range(3) if self.acs_kernel_split[v]]
             out = torch.cat(views, 1) if len(views) > 1 else views[0]
-        elif self.mode == "mean":
-            out = (views[0] + views[1] + views[2]) / 3
         else:
-            w = self.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
-            out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
+            views = [self._view(x, v) for v in range(3)]
+            if self.mode == "mean":
+                out = (views[0] + views[1] + views[2]) / 3
+            else:
+                w = self.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
+                out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1, 1)
         return out
@@ -239,7 +259,7 @@ class ACSConv3d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding!r}, mode={self.mode!r}"
         )
-        if self.dilation != 1:
+        if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
@@ -252,6 +272,14 @@ class ACSConv3d(nn.Module):
         return s
 
 
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = value
+    return int(a), int(b)
+
+
+@functools.lru_cache(maxsize=4096)
 def _group_pieces(lo: int, hi: int, out_ch: int, in_ch: int, groups: int) -> list[tuple[int, int, int, int, int]]:
     """Split output channels ``[lo, hi)`` of a grouped conv into convs that torch can run.
 
@@ -291,3 +319,47 @@ class BatchNormAct3d(nn.BatchNorm3d):
         if act is not None:
             x = act(x)
         return x
+
+
+def _fold_slices(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    moved = x.movedim(dim, 1)
+    shape = moved.shape
+    return moved.reshape(shape[0] * shape[1], *shape[2:]), tuple(shape)
+
+
+def _unfold_slices(y: torch.Tensor, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    return y.reshape(shape[0], shape[1], *y.shape[1:]).movedim(1, dim)
+
+
+class SliceGroupNorm(nn.GroupNorm):
+    """``GroupNorm`` with statistics per slice along ``slice_dim`` (``2.5d``: the 2D norm on every slice).
+
+    Args:
+        num_groups: As ``nn.GroupNorm``.
+        num_channels: As ``nn.GroupNorm``.
+        eps: As ``nn.GroupNorm``.
+        affine: As ``nn.GroupNorm``.
+        slice_dim: Tensor dim of the slice axis (2, 3 or 4).
+    """
+
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, slice_dim: int = 4
+    ) -> None:
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.slice_dim = slice_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        folded, shape = _fold_slices(x, self.slice_dim)
+        return _unfold_slices(super().forward(folded), shape, self.slice_dim)
+
+
+class SliceInstanceNorm(nn.InstanceNorm2d):
+    """``InstanceNorm2d`` applied to every slice along ``slice_dim`` (``2.5d``)."""
+
+    def __init__(self, *args: object, slice_dim: int = 4, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.slice_dim = slice_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        folded, shape = _fold_slices(x, self.slice_dim)
+        return _unfold_slices(super().forward(folded), shape, self.slice_dim)

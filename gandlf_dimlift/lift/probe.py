@@ -142,7 +142,8 @@ def probe(
         module: The lifted module.
         spec: The spec it was lifted with.
         size: Spatial size of the probe (an int for a cube, or three ints); by default 32 per axis,
-            retried at 64 and 128 when the model rejects the size itself.
+            retried at 64 and 128 when the model rejects the size itself. In ``2.5d`` an int size
+            gives two slices along the slice axis.
         channels: Input channels; by default those of the first convolution.
 
     Returns:
@@ -157,9 +158,12 @@ def probe(
         log.info("lift check skipped for %s: cannot build a probe input", type_name(module))
         return False
     if size is None:
-        sizes: list[tuple[int, ...]] = [(32, 32, 32), (64, 64, 64), (128, 128, 128)]
+        sizes: list[tuple[int, ...]] = [(n, n, n) for n in (32, 64, 128)]
     else:
         sizes = [tuple(size) if isinstance(size, Sequence) else (size,) * 3]
+    if spec.per_slice and (size is None or not isinstance(size, Sequence)):
+        # in 2.5d nothing acts along the slice axis: two slices are enough
+        sizes = [tuple(2 if d == spec.new_dim else n for d, n in enumerate(s)) for s in sizes]
     ref = next(iter(module.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
