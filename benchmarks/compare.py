@@ -59,7 +59,9 @@ SEGMENTATION_ROWS = ("resunet", "imagenet_unet", "dimlift_smp/acs", "dimlift_smp
                      "dimlift_dxnet/b0")
 DETECTION_ROWS = ("resnet18", "densenet121", "efficientnetb0", "dimlift_slice_attention/attention",
                   "dimlift_slice_attention/mean")
-TASK_OF_DATA = {"segmentation": "segmentation", "classification": "detection"}
+# --quick keeps one GaNDLF baseline and the plugin rows per task, so that it finishes in minutes
+QUICK_SEGMENTATION_ROWS = ("resunet", "dimlift_smp/acs", "dimlift_dxnet/b0")
+QUICK_DETECTION_ROWS = ("resnet18", "dimlift_slice_attention/attention")
 TISSUES = ("background", "grey matter", "white matter")
 TRANSFER_2D = Row("dimlift_omnianet/b0-2d", "dimlift_omnianet", "segmentation",
                   {"variant": "b0", "pretrained": False}, "2D Omnia-Net B0 on axial slices", dimension=2)
@@ -79,6 +81,7 @@ class Settings:
         timeout: Seconds allowed per gandlf_run call.
         target_dice: Validation Dice the transfer experiment counts epochs to.
         transfer_slices_every: Keep every n-th axial slice (with brain) for the 2D transfer data.
+        max_memory_gib: A gandlf_run process tree above this much RAM is killed and its row reports it.
     """
 
     epochs: int = 8
@@ -89,6 +92,7 @@ class Settings:
     timeout: int = 3600
     target_dice: float = 0.6
     transfer_slices_every: int = 2
+    max_memory_gib: float = 6.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,13 +153,34 @@ class Call:
     def tail(self, lines: int = 3) -> str:
         text = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
         useful = [t for t in text if t.strip() and "it/s" not in t and "Warning" not in t]
+        killed = [t for t in useful if t.startswith("KILLED")]
+        if killed:
+            return killed[-1]
         return " / ".join(t.strip() for t in useful[-lines:])[:500]
 
 
-def run_process(command: list[str], log: Path, timeout: int) -> Call:
+def tree_rss_mib(pid: int) -> float:
+    """Resident set size (MiB) of a process and all its descendants (0 when gone)."""
+    from benchmarks.throughput import process_rss_mib
+
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += process_rss_mib(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    stack.extend(int(c) for c in handle.read().split())
+        except OSError:
+            continue
+    return total
+
+
+def run_process(command: list[str], log: Path, timeout: int, max_memory_gib: float = 1e9) -> Call:
     """Runs `command` with output to `log`; returns its exit status, wall time and peak RSS (its own and children's).
 
-    The peak RSS comes from `os.wait4` on this very child, so rows measured in sequence do not mix.
+    The peak RSS comes from `os.wait4` on this very child, so rows measured in sequence do not mix. A process tree
+    above `max_memory_gib` or past `timeout` seconds is killed (exit status -9, the reason in the log).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -170,10 +195,15 @@ def run_process(command: list[str], log: Path, timeout: int) -> Call:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
+            reason = ""
             if time.perf_counter() > deadline:
+                reason = f"KILLED after the timeout of {timeout} s"
+            elif tree_rss_mib(process.pid) > max_memory_gib * 1024:
+                reason = f"KILLED above --max-memory-gib {max_memory_gib} GiB"
+            if reason:
                 process.kill()
                 pid, status, usage = os.wait4(process.pid, 0)
-                handle.write(f"\nKILLED after {timeout} s\n")
+                handle.write(f"\n{reason}\n")
                 break
             time.sleep(0.5)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -276,7 +306,10 @@ def auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
 
 
 def detection_scores(output_dir: Path, test_csv: Path) -> dict[str, Any]:
-    """AUC and accuracy of GaNDLF's test predictions (final_preds_and_avg_probs.csv)."""
+    """AUC and accuracy of GaNDLF's test predictions (final_preds_and_avg_probs.csv).
+
+    Two classes: the AUC of class 1's probability; more: the macro mean of one-vs-rest AUCs.
+    """
     with open(test_csv) as handle:
         truth = {r["SubjectID"]: int(float(r["ValueToPredict"])) for r in csv.DictReader(handle)}
     path = output_dir / "final_preds_and_avg_probs.csv"
@@ -284,12 +317,17 @@ def detection_scores(output_dir: Path, test_csv: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"GaNDLF wrote no {path.name} in {output_dir}")
     with open(path) as handle:
         predictions = list(csv.DictReader(handle))
-    probabilities = [float(p["1"]) for p in predictions]
+    classes = [key for key in predictions[0] if key not in ("SubjectID", "PredictedClass")] if predictions else []
     labels = [truth[p["SubjectID"]] for p in predictions]
     predicted = [int(float(p["PredictedClass"])) for p in predictions]
     accuracy = float(np.mean([a == b for a, b in zip(predicted, labels, strict=True)]))
-    return {"auc": auc(probabilities, labels), "accuracy": accuracy, "n_test": len(labels),
-            "n_positive": int(sum(labels))}
+    if len(classes) <= 2:
+        value = auc([float(p["1"]) for p in predictions], labels)
+    else:
+        per_class = [auc([float(p[c]) for p in predictions], [int(y == int(c)) for y in labels]) for c in classes]
+        present = [a for a in per_class if a is not None]
+        value = float(np.mean(present)) if present else None
+    return {"auc": value, "accuracy": accuracy, "n_test": len(labels), "n_positive": int(sum(y == 1 for y in labels))}
 
 
 def explanation_score(config: Path, model_dir: Path, test_csv: Path, data_dir: Path, out: Path,
@@ -355,7 +393,8 @@ def train_and_test(row: Row, task: str, csvs: dict[str, Path], patch: Sequence[i
                               "config": config, "epochs": settings.epochs, "patch": list(patch)}
     LOGGER.info("[%s] %s: training %d epochs", task, row.name, settings.epochs)
     train = run_process([gandlf_run(), "-c", str(config_path), "-i", f"{csvs['train']},{csvs['validation']}",
-                         "-t", "True", "-m", str(model_dir), "-rt", "True"], folder / "train.log", settings.timeout)
+                         "-t", "True", "-m", str(model_dir), "-rt", "True"], folder / "train.log", settings.timeout,
+                        settings.max_memory_gib)
     record.update(train_wall_s=train.wall_s, peak_mib=train.peak_mib)
     minutes = training_minutes(train.log)
     record["epoch_s"] = (minutes * 60 if minutes is not None else train.wall_s) / settings.epochs
@@ -369,7 +408,8 @@ def train_and_test(row: Row, task: str, csvs: dict[str, Path], patch: Sequence[i
     LOGGER.info("[%s] %s: testing", task, row.name)
     infer_dir = folder / "inference"
     infer = run_process([gandlf_run(), "-c", str(config_path), "-i", str(csvs["test"]), "-t", "False",
-                         "-m", str(model_dir), "-o", str(infer_dir)], folder / "infer.log", settings.timeout)
+                         "-m", str(model_dir), "-o", str(infer_dir)], folder / "infer.log", settings.timeout,
+                        settings.max_memory_gib)
     record["infer_wall_s"] = infer.wall_s
     try:
         if infer.returncode != 0:
@@ -584,6 +624,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--samples-per-volume", type=int, default=None, help="segmentation patches per volume (4)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (1e-3)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per gandlf_run call (3600)")
+    parser.add_argument("--max-memory-gib", type=float, default=None,
+                        help="kill a gandlf_run whose process tree exceeds this much RAM (6)")
     parser.add_argument("--target-dice", type=float, default=None, help="transfer experiment target (0.6)")
     parser.add_argument("--segmentation-rows", nargs="*", default=None,
                         help=f"rows for the segmentation task ({' '.join(SEGMENTATION_ROWS)})")
@@ -598,7 +640,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     values = dict(QUICK_SETTINGS) if args.quick else {}
     for key, arg in (("epochs", "epochs"), ("batch", "batch"), ("patch", "patch"),
                      ("samples_per_volume", "samples_per_volume"), ("learning_rate", "lr"), ("timeout", "timeout"),
-                     ("target_dice", "target_dice")):
+                     ("target_dice", "target_dice"), ("max_memory_gib", "max_memory_gib")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
     return Settings(**values)
@@ -621,8 +663,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if any(s < settings.patch for s in shape):
         raise SystemExit(f"--patch {settings.patch} is larger than the volume {shape}; choose --patch <= {min(shape)}")
     results: dict[str, Any] = {}
-    seg_rows = SEGMENTATION_ROWS if args.segmentation_rows is None else tuple(args.segmentation_rows)
-    det_rows = DETECTION_ROWS if args.detection_rows is None else tuple(args.detection_rows)
+    seg_rows = QUICK_SEGMENTATION_ROWS if args.quick else SEGMENTATION_ROWS
+    det_rows = QUICK_DETECTION_ROWS if args.quick else DETECTION_ROWS
+    seg_rows = seg_rows if args.segmentation_rows is None else tuple(args.segmentation_rows)
+    det_rows = det_rows if args.detection_rows is None else tuple(args.detection_rows)
     seg_csvs, det_csvs = bdata.task_csvs(data_dir, "segmentation"), bdata.task_csvs(data_dir, "detection")
     results["segmentation"] = [
         train_and_test(row_by_name(n), "segmentation", seg_csvs, (settings.patch,) * 3, settings, work, args.reuse,

@@ -2,7 +2,9 @@
 
 Every row is built through GaNDLF's own `GANDLF.models.get_model(params)` from a GaNDLF-validated configuration
 (after `import gandlf_dimlift`, which registers the plugin keys), so baselines and plugin rows take the same path.
-Each (row, size) runs in a fresh subprocess, so its peak memory is its own: on CPU the increase of the peak
+Each (row, size) runs in a fresh subprocess (``--in-process``, the quick default: all rows in one subprocess),
+watched: above ``--max-memory-gib`` of RAM or past ``--timeout`` it is killed and becomes an error row. Its peak
+memory is its own: on CPU the increase of the peak
 resident set size (`resource.getrusage`) over the process's size after building the model and the batch; on CUDA
 `torch.cuda.max_memory_allocated`. FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; the achieved
 FLOP/s of a training step is shown as a share of this machine's measured float32 matmul peak.
@@ -318,37 +320,103 @@ def matmul_peak(device: str, threads: int | None = None, n: int | None = None, s
 # ----------------------------------------------------------------------------------------------- the driver
 
 
-def run_in_process(row: Row, size: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Runs `measure` in this process (quick mode: saves the ~20 s GaNDLF import per row)."""
-    import gc
-
+def process_rss_mib(pid: int) -> float:
+    """Resident set size of another process in MiB (0 when it is gone)."""
     try:
-        result = measure(row, size, args.batch, args.device, args.repeats, args.threads)
-    except Exception as error:  # noqa: BLE001 - reported as the row's error
-        result = {"name": row.name, "size": size, "error": " ".join(f"{type(error).__name__}: {error}".split())[:400]}
-    gc.collect()
-    return result
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
-def run_row(row: Row, size: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Runs `measure` for one (row, size) in a fresh interpreter; errors become the row's `error`."""
-    if args.in_process:
-        return run_in_process(row, size, args)
-    spec = json.dumps({"row": asdict(row), "size": size, "batch": args.batch, "device": args.device,
-                       "repeats": args.repeats, "threads": args.threads})
-    command = [sys.executable, "-m", "benchmarks.throughput", "--worker", spec]
+def run_worker(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measures `specs` in one fresh interpreter, watched for time and memory.
+
+    The worker prints ``START <i>`` before and ``RESULT <json>`` after each spec. A worker above
+    ``--max-memory-gib`` or past ``--timeout`` (per spec) is killed; the spec it was on becomes an error row and
+    the remaining specs go to a new worker.
+    """
+    import threading
+
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=root, env=env)
-    except subprocess.TimeoutExpired:
-        return {"name": row.name, "size": size, "error": f"timed out after {args.timeout} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"name": row.name, "size": size, "error": f"exit {done.returncode}: {tail[:300]}"}
+    results: list[dict[str, Any]] = []
+    remaining = list(specs)
+    while remaining:
+        command = [sys.executable, "-m", "benchmarks.throughput", "--worker", json.dumps(remaining)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                   env=env)
+        lines: list[str] = []
+        errors: list[str] = []
+        readers = [threading.Thread(target=lambda s=stream, o=out: o.extend(s), daemon=True)
+                   for stream, out in ((process.stdout, lines), (process.stderr, errors))]
+        for reader in readers:
+            reader.start()
+        started, current, killed = time.perf_counter(), -1, ""
+        while process.poll() is None:
+            time.sleep(0.2)
+            starts = [int(line.split()[1]) for line in list(lines) if line.startswith("START ")]
+            if starts and starts[-1] != current:
+                current, started = starts[-1], time.perf_counter()
+            if process_rss_mib(process.pid) > args.max_memory_gib * 1024:
+                killed = f"killed above --max-memory-gib {args.max_memory_gib} GiB"
+            elif time.perf_counter() - started > args.timeout:
+                killed = f"killed after --timeout {args.timeout} s"
+            if killed:
+                process.kill()
+                break
+        process.wait()
+        for reader in readers:
+            reader.join(timeout=5)
+        done = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
+        results.extend(done)
+        for result in done:
+            _progress(result)
+        remaining = remaining[len(done):]
+        if remaining:
+            spec = remaining.pop(0)
+            tail = (killed or f"worker exit {process.returncode}: "
+                    + ((" ".join(errors).strip().splitlines() or ["no output"])[-1])[:300])
+            results.append({"name": spec["row"]["name"], "size": spec["size"], "error": tail})
+            _progress(results[-1])
+    return results
+
+
+def _progress(result: dict[str, Any]) -> None:
+    status = result.get("error") or f"train {result['train_s']:.3f} s, infer {result['infer_s']:.3f} s"
+    print(f"[throughput] {result['name']} {result['size']}^3: {status}", file=sys.stderr, flush=True)
+
+
+def run_rows(rows: Sequence[Row], sizes: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (size, row): one fresh process each, or all in one watched process with `--in-process`."""
+    specs = [{"row": asdict(row), "size": size, "batch": args.batch, "device": args.device, "repeats": args.repeats,
+              "threads": args.threads} for size in sizes for row in rows]
+    if args.in_process:
+        return run_worker(specs, args)
+    return [result for spec in specs for result in run_worker([spec], args)]
+
+
+def run_row(row: Row, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Measures one row at one size in a fresh, watched process."""
+    return run_rows([row], [size], args)[0]
+
+
+def worker(specs: list[dict[str, Any]]) -> None:
+    """The worker side of `run_worker`."""
+    import gc
+
+    for index, spec in enumerate(specs):
+        print(f"START {index}", flush=True)
+        spec = dict(spec)
+        row = Row(**spec.pop("row"))
+        try:
+            result = measure(row, **spec)
+        except Exception as error:  # noqa: BLE001 - reported as the row's error
+            message = " ".join(f"{type(error).__name__}: {error}".split())
+            result = {"name": row.name, "size": spec["size"], "error": message[:400]}
+        print("RESULT " + json.dumps(result), flush=True)
+        gc.collect()
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -432,7 +500,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", default="imagenet_unet", help="row the ratio columns compare against")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per row after a warm-up (3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per (row, size) process (1800)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per (row, size) measurement (1800)")
+    parser.add_argument("--max-memory-gib", type=float, default=6.0,
+                        help="kill a measurement whose process grows beyond this many GiB of RAM (6)")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON")
     parser.add_argument("--in-process", action="store_true",
@@ -455,28 +525,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
-        spec = json.loads(args.worker)
-        row = Row(**spec.pop("row"))
-        try:
-            result = measure(row, **spec)
-        except Exception as error:  # noqa: BLE001 - reported as the row's error
-            message = " ".join(f"{type(error).__name__}: {error}".split())
-            result = {"name": row.name, "size": spec["size"], "error": message[:400]}
-        print("RESULT " + json.dumps(result), flush=True)
-        return [result]
+        worker(json.loads(args.worker))
+        return []
     rows = select_rows(args.rows)
     if args.list:
         for row in rows:
             print(f"{row.name:36s} {row.architecture:26s} {row.task:15s} {row.model}")
         return []
     peak = matmul_peak(args.device, args.threads)
-    results = []
-    for size in args.sizes:
-        for row in rows:
-            result = run_row(row, size, args)
-            results.append(result)
-            status = result.get("error") or f"train {result['train_s']:.3f} s, infer {result['infer_s']:.3f} s"
-            print(f"[throughput] {row.name} {size}^3: {status}", file=sys.stderr, flush=True)
+    results = run_rows(rows, args.sizes, args)
     text = header(args, peak, argv) + "\n" + table(results, peak, args.reference, rows) + "\n"
     print(text)
     if args.out:

@@ -129,3 +129,34 @@ def test_one_quick_comparison_row(quick_data: Path, tmp_path: Path) -> None:
     again = compare.train_and_test(compare.row_by_name("resunet"), "segmentation", csvs, (32, 32, 32), settings,
                                    tmp_path / "work", reuse=True, data_dir=quick_data)
     assert again == json.loads(json.dumps(record))  # reused from result.json, not retrained
+
+
+def test_medmnist_conversion_from_a_local_npz(tmp_path: Path) -> None:
+    """The MedMNIST runner's offline path: a local <flag>.npz becomes NIfTI volumes and GaNDLF CSVs."""
+    from benchmarks import medmnist
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for key, n in (("train", 4), ("val", 2), ("test", 3)):
+        arrays[f"{key}_images"] = rng.integers(0, 256, size=(n, 28, 28, 28), dtype=np.uint8)
+        arrays[f"{key}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    np.savez(tmp_path / "nodulemnist3d.npz", **arrays)
+    npz = medmnist.fetch("nodulemnist3d", 28, tmp_path / "cache", tmp_path)
+    assert npz == tmp_path / "nodulemnist3d.npz"
+    csvs = medmnist.to_gandlf(npz, tmp_path / "data")
+    rows = _rows(csvs["test"])
+    assert [r["ValueToPredict"] for r in rows] == ["0", "1", "0"]
+    volume = compare.read_image(rows[1]["Channel_0"])
+    assert volume.shape == (28, 28, 28)
+    assert np.allclose(volume, arrays["test_images"][1] / 255.0, atol=1e-6)  # same axis order as the array
+    assert len(_rows(csvs["train"])) == 4 and len(_rows(csvs["validation"])) == 2
+    text = medmnist.table({"nodulemnist3d": [{"name": "resnet18", "auc": 0.5, "accuracy": 0.6, "epoch_s": 1.0}]}, 28)
+    assert "| nodulemnist3d | resnet18 | 0.500 | 0.600 |" in text and "reference: ResNet-18+3D" in text
+
+
+def test_multiclass_detection_scores(tmp_path: Path) -> None:
+    (tmp_path / "test.csv").write_text("SubjectID,Channel_0,Label,ValueToPredict\na,x,y,0\nb,x,y,1\nc,x,y,2\n")
+    (tmp_path / "final_preds_and_avg_probs.csv").write_text(
+        "SubjectID,PredictedClass,0,1,2\na,0,0.8,0.1,0.1\nb,1,0.1,0.8,0.1\nc,1,0.1,0.5,0.4\n")
+    scores = compare.detection_scores(tmp_path, tmp_path / "test.csv")
+    assert scores["accuracy"] == pytest.approx(2 / 3) and scores["auc"] == pytest.approx(1.0)
