@@ -37,6 +37,23 @@ def _regeometrise(csv_path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _add_label_images(csv_path: Path) -> None:
+    """Adds a Label column of all-ones masks: GaNDLF 0.1.5 validates regression through a label sampler."""
+    import SimpleITK as sitk
+
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        image = sitk.ReadImage(row["Channel_0"])
+        label = sitk.Cast(image * 0 + 1, sitk.sitkUInt8)
+        row["Label"] = row["Channel_0"].replace("_image.nii.gz", "_label.nii.gz")
+        sitk.WriteImage(label, row["Label"])
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _explain(config: Path, model_dir: Path, data: Path, output: Path) -> subprocess.CompletedProcess:
     command = [str(BIN / "gandlf-dimlift"), "explain", "-c", str(config), "-m", str(model_dir), "-i", str(data),
                "-o", str(output)]
@@ -73,10 +90,11 @@ def _check_geometry(path: Path, reference: str) -> np.ndarray:
 def test_classification_train_infer_explain(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", "classification", n_subjects=4, shape=(32, 32, 32), seed=0)
     rows = _regeometrise(data)
-    config = write_config(
-        make_config(KEY, "classification", model_options={"encoder_depth": 3, "slice_chunk_size": 16}),
-        tmp_path / "config.yaml",
-    )
+    config = make_config(KEY, "classification", model_options={"encoder_depth": 3, "slice_chunk_size": 16})
+    # GaNDLF 0.1.5 validation of a classification CSV without a Label image column writes its predictions as a
+    # segmentation mask and fails (numpy AxisError); without save_output it takes the working path.
+    config["save_output"] = False
+    config = write_config(config, tmp_path / "config.yaml")
     model_dir = tmp_path / "model"
     run_gandlf(config, data, model_dir, train=True)
     assert (model_dir / f"{KEY}_best.pth.tar").is_file()
@@ -105,6 +123,7 @@ def test_classification_train_infer_explain(tmp_path: Path) -> None:
 def test_regression_all_views_with_resize_explained_in_input_geometry(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", "regression", n_subjects=3, shape=(32, 32, 32), seed=4)
     rows = _regeometrise(data)
+    _add_label_images(data)
     config = make_config(KEY, "regression", patch_size=(32, 32, 24), model_options={
         "encoder_depth": 3, "slice_axis": "all", "pooling": "gated", "position_encoding": True})
     # GaNDLF resizes every image to 32 x 32 x 24: the explanation must be mapped back to 32 x 32 x 32

@@ -309,3 +309,14 @@ def test_attention_localises_the_slices_that_carry_the_signal(tmp_path: Path) ->
     assert accuracy >= 0.9
     assert math.isclose(share, 0.25)
     assert mass >= LOCALISATION_THRESHOLD, f"attention mass on the signal band {mass:.3f} < {LOCALISATION_THRESHOLD}"
+
+
+def test_built_under_no_grad_every_parameter_still_trains() -> None:
+    """Unused encoder stages are found by a probe backward, which must work even when the model is built
+    inside torch.no_grad() (an inference script)."""
+    with torch.no_grad():
+        model = build()
+    model.train()
+    model(torch.randn(SHAPE))[:, 1].sum().backward()
+    assert not hasattr(model.encoder.layer4, "weight") and isinstance(model.encoder.layer4, torch.nn.Identity)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

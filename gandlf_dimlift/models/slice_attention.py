@@ -89,7 +89,8 @@ def prune_unused_stages(encoder: nn.Module, size: int = 64) -> list[str]:
     was_training = encoder.training
     encoder.eval()
     try:
-        encoder(torch.zeros(1, 3, size, size))[-1].sum().backward()
+        with torch.enable_grad():  # the model may be built under no_grad (e.g. inside an inference script)
+            encoder(torch.zeros(1, 3, size, size))[-1].sum().backward()
     except Exception as error:  # noqa: BLE001 - an encoder that cannot be probed at this size keeps every stage
         logger.warning("Could not probe %s for unused stages (%s); keeping them.", type(encoder).__name__, error)
         encoder.zero_grad(set_to_none=True)

@@ -51,7 +51,7 @@ class GatedAttentionPooling(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.score(torch.tanh(self.tanh_branch(tokens)) * torch.sigmoid(self.gate_branch(tokens)))
         weights = torch.softmax(scores[..., 0], dim=1)
-        return torch.einsum("bn,bnf->bf", weights, tokens), weights
+        return torch.bmm(weights.unsqueeze(1), tokens).squeeze(1), weights
 
 
 class MeanPooling(nn.Module):
