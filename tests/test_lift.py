@@ -72,13 +72,26 @@ def test_2p5d_conv_stack_equals_slice_by_slice(axis: str, dim: int) -> None:
         assert torch.allclose(lifted(x), _per_slice(net, x, dim), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet-b0"])
+_SLOW_2P5D = [
+    "timm-resnest14d", "timm-skresnext50_32x4d", "timm-regnety_002", "timm-res2net50_26w_4s",
+    "timm-efficientnet-b0", "timm-tf_efficientnet_lite0", "timm-mobilenetv3_small_100", "timm-gernet_s",
+    "mobileone_s4", "dpn68", "densenet121", "vgg11_bn", "se_resnext50_32x4d", "xception", "mobilenet_v2",
+    "inceptionv4",
+]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "efficientnet-b0", "timm-skresnet18"] + [pytest.param(n, marks=pytest.mark.slow) for n in _SLOW_2P5D],
+)
 def test_2p5d_encoder_equals_slice_by_slice(name: str) -> None:
     # in 2.5d nothing pools or resamples along the slice axis (pools are (k, k, 1), squeeze-excitation
-    # pools each slice), so the whole encoder is the 2D encoder applied to every slice
+    # and split attention pool each slice), so the whole encoder is the 2D encoder applied to every
+    # slice: this checks every lifted replacement block of these families
     enc = _encoder(name)
-    lifted = lift(enc, "2.5d")
-    x = torch.randn(1, 3, 32, 32, 3)
+    size = 96 if name.startswith("inception") else 32
+    lifted = lift(enc, "2.5d", probe_size=(size, size, 2))
+    x = torch.randn(1, 3, size, size, 2)
     with torch.no_grad():
         for a, b in zip(lifted(x), _per_slice(enc, x), strict=True):
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

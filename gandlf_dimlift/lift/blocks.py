@@ -140,3 +140,81 @@ class LiftedMobileOneSE(nn.Module):
 @register("segmentation_models_pytorch.encoders.mobileone.SEBlock")
 def _lift_mobileone_se(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
     return LiftedMobileOneSE(m, spec)
+
+
+class LiftedSEModule(nn.Module):
+    """timm's ``SEModule`` (RegNetY, ...) in 3D (children ``fc1``, ``bn``, ``act``, ``fc2``, ``gate``)."""
+
+    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
+        super().__init__()
+        self._pool_dims = pool_dims(spec)
+        self.add_maxpool = getattr(old, "add_maxpool", False)
+        _adopt(self, old)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        s = x.mean(self._pool_dims, keepdim=True)
+        if self.add_maxpool:
+            s = 0.5 * s + 0.5 * x.amax(self._pool_dims, keepdim=True)
+        s = self.fc2(self.act(self.bn(self.fc1(s))))
+        return x * self.gate(s)
+
+
+@register("timm.layers.squeeze_excite.SEModule")
+def _lift_timm_semodule(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    return LiftedSEModule(m, spec)
+
+
+class LiftedSplitAttn(nn.Module):
+    """timm's ``SplitAttn`` (ResNeSt split attention) in 3D."""
+
+    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
+        super().__init__()
+        self._pool_dims = pool_dims(spec)
+        self.radix = old.radix
+        _adopt(self, old)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.act0(self.drop(self.bn0(self.conv(x))))
+        b, rc = x.shape[:2]
+        spatial = x.shape[2:]
+        if self.radix > 1:
+            x = x.reshape(b, self.radix, rc // self.radix, *spatial)
+            gap = x.sum(dim=1)
+        else:
+            gap = x
+        gap = self.act1(self.bn1(self.fc1(gap.mean(self._pool_dims, keepdim=True))))
+        attn = self.rsoftmax(self.fc2(gap))  # (B, C) for every view of the pooled map
+        if self.radix > 1:
+            keep = gap.shape[2:]  # (1, 1, 1), or (1, 1, Z) per slice
+            attn = attn.reshape(b, self.radix, rc // self.radix, *keep)
+            return (x * attn).sum(dim=1).contiguous()
+        return (x * attn.reshape(b, -1, *gap.shape[2:])).contiguous()
+
+
+@register("timm.layers.split_attn.SplitAttn")
+def _lift_split_attn(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    return LiftedSplitAttn(m, spec)
+
+
+class LiftedSelectiveKernelAttn(nn.Module):
+    """timm's ``SelectiveKernelAttn`` (SKNet) in 3D: input ``(B, paths, C, X, Y, Z)``."""
+
+    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
+        super().__init__()
+        self.num_paths = old.num_paths
+        self._pool_dims = pool_dims(spec)  # of the path sum (B, C, X, Y, Z)
+        _adopt(self, old)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.shape[1] != self.num_paths:
+            raise ValueError(f"expected {self.num_paths} stacked paths, got {x.shape[1]}")
+        s = x.sum(1).mean(self._pool_dims, keepdim=True)
+        s = self.fc_select(self.act(self.bn(self.fc_reduce(s))))
+        b, c = s.shape[:2]
+        s = s.view(b, self.num_paths, c // self.num_paths, *s.shape[2:])
+        return torch.softmax(s, dim=1)
+
+
+@register("timm.layers.selective_kernel.SelectiveKernelAttn")
+def _lift_sk_attn(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    return LiftedSelectiveKernelAttn(m, spec)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import LiftError, type_name
-from .ops import ACSConv3d, BatchNormAct3d, SameConv3d, SliceGroupNorm, SliceInstanceNorm
+from .ops import ACSConv3d, AvgPool3dAnySize, BatchNormAct3d, SameConv3d, SliceGroupNorm, SliceInstanceNorm
 from .resize import Interpolate3d
 from .spec import ACS_MODES, LiftSpec, as_pair
 
@@ -168,7 +168,7 @@ def lift_avgpool(m: nn.AvgPool2d, spec: LiftSpec, path: str) -> nn.Module:
     div = m.divisor_override
     if div:
         div = div * k3[spec.new_dim]
-    return nn.AvgPool3d(k3, s3, p3, m.ceil_mode, m.count_include_pad, div)
+    return AvgPool3dAnySize(k3, s3, p3, m.ceil_mode, m.count_include_pad, div)
 
 
 def _adaptive_size(size: object, spec: LiftSpec) -> tuple:
@@ -259,5 +259,6 @@ TORCH_3D = frozenset(
         nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d,
         nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.Dropout3d, nn.ZeroPad3d, nn.ConstantPad3d,
         nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d, SliceGroupNorm, SliceInstanceNorm,
+        AvgPool3dAnySize,
     }
 )

@@ -363,3 +363,27 @@ class SliceInstanceNorm(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         folded, shape = _fold_slices(x, self.slice_dim)
         return _unfold_slices(super().forward(folded), shape, self.slice_dim)
+
+
+class AvgPool3dAnySize(nn.AvgPool3d):
+    """``nn.AvgPool3d`` that also accepts inputs smaller than the kernel when padding makes up for it.
+
+    torch's 3D average pool checks the unpadded input against the kernel (``avg_pool2d`` checks the
+    padded one), so a lifted 2D model would fail on sizes its 2D twin accepts. Then the padding is
+    applied explicitly; ``count_include_pad=False`` divides by the pooled mask of real voxels.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        k, p = _triple(self.kernel_size), _triple(self.padding)
+        if all(n >= kk for n, kk in zip(x.shape[2:], k, strict=True)) or not any(p):
+            return super().forward(x)
+        pads = [(q, q) for q in p]
+        args = (k, self.stride, 0, self.ceil_mode, True)
+        if self.count_include_pad or self.divisor_override:
+            return F.avg_pool3d(pad_or_crop(x, pads), *args, self.divisor_override)
+        ones = torch.ones_like(x[:1, :1])
+        return F.avg_pool3d(pad_or_crop(x, pads), *args) / F.avg_pool3d(pad_or_crop(ones, pads), *args)
+
+
+def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
+    return (value,) * 3 if isinstance(value, int) else tuple(value)  # type: ignore[return-value]

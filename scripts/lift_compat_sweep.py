@@ -1,0 +1,205 @@
+"""Compatibility sweep: lift every segmentation-models-pytorch encoder in every mode.
+
+Usage::
+
+    python scripts/lift_compat_sweep.py                 # full sweep -> docs/compatibility.{json,md}
+    python scripts/lift_compat_sweep.py --only resnet18,vgg11 --modes inflate,2.5d
+    python scripts/lift_compat_sweep.py --render        # rebuild the markdown table from the json
+
+Each encoder is built with ``weights=None`` (no hub access) and lifted with
+``gandlf_dimlift.lift.lift(encoder, mode)``, which runs its check pass (a 3D forward in eval mode) at
+the probe size below; then one training-mode forward and backward on a ``(2, 3, S, S, S)`` input
+checks that every feature map is 5D and every parameter gets a gradient. Every encoder runs in its own
+subprocess with a timeout, so a hang or a crash is recorded, not fatal. The result per
+(encoder, mode) is ``ok`` or the error type and message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+JSON_PATH = ROOT / "docs" / "compatibility.json"
+MD_PATH = ROOT / "docs" / "compatibility.md"
+
+#: Probe / test sizes for encoders whose 2D stems need more than 32 pixels (valid convolutions).
+SIZES = {"inceptionv4": 96, "inceptionresnetv2": 96}
+DEFAULT_SIZE = 32
+#: Families GaNDLF's imagenet_unet cannot lift (issue 3's goal: these lift in inflate and 2.5d).
+GOAL_PREFIXES = ("efficientnet-b", "timm-efficientnet-b", "vgg", "inceptionv4", "dpn", "resnext", "timm-regnet")
+
+
+def run_one(name: str, modes: list[str]) -> list[dict]:
+    """Lift one encoder in each mode (runs inside the worker subprocess)."""
+    import torch
+    from segmentation_models_pytorch.encoders import get_encoder
+
+    from gandlf_dimlift.lift import lift
+
+    torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "1")))
+    size = SIZES.get(name, DEFAULT_SIZE)
+    rows = []
+    for mode in modes:
+        t0 = time.time()
+        row = {"encoder": name, "mode": mode, "size": size}
+        try:
+            torch.manual_seed(0)
+            enc = get_encoder(name, in_channels=3, depth=5, weights=None)
+            lifted = lift(enc, mode, probe_size=size, inplace=True)
+            lifted.train()
+            x = torch.randn(2, 3, size, size, size)
+            feats = lifted(x)
+            if any(f.dim() != 5 for f in feats):
+                raise RuntimeError(f"feature maps are not all 5D: {[tuple(f.shape) for f in feats]}")
+            sum(f.float().mean() for f in feats[1:]).backward()
+            missing = [n for n, p in lifted.named_parameters() if p.requires_grad and p.grad is None]
+            if missing:
+                raise RuntimeError(f"{len(missing)} parameters got no gradient, e.g. {missing[:3]}")
+            row.update(status="ok", shapes=[list(f.shape[1:]) for f in feats])
+        except Exception as err:  # noqa: BLE001 - the sweep records every failure
+            row.update(status="error", error=type(err).__name__, message=str(err)[:600])
+        row["seconds"] = round(time.time() - t0, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def sweep(names: list[str], modes: list[str], timeout: float) -> list[dict]:
+    """Run :func:`run_one` for every encoder in a subprocess with a timeout."""
+    rows: list[dict] = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for i, name in enumerate(names):
+        cmd = [sys.executable, __file__, "--worker", name, "--modes", ",".join(modes)]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode and len(got) < len(modes):
+                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+                got += [
+                    {"encoder": name, "mode": m, "status": "error", "error": "WorkerCrash", "message": tail[0][:600]}
+                    for m in modes[len(got):]
+                ]
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            got += [
+                {"encoder": name, "mode": m, "status": "error", "error": "Timeout",
+                 "message": f"no result within {timeout:.0f} s"}
+                for m in modes[len(got):]
+            ]
+        rows += got
+        ok = sum(r["status"] == "ok" for r in got)
+        print(f"[{i + 1}/{len(names)}] {name}: {ok}/{len(modes)} ok ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def render(data: dict) -> str:
+    """The markdown table of a sweep result."""
+    from collections import defaultdict
+
+    modes = data["modes"]
+    table: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in data["results"]:
+        table[row["encoder"]][row["mode"]] = row
+    counts = {m: sum(table[e].get(m, {}).get("status") == "ok" for e in table) for m in modes}
+    any_ok = sum(any(r.get("status") == "ok" for r in table[e].values()) for e in table)
+    lines = [
+        "# Lift compatibility of segmentation-models-pytorch encoders",
+        "",
+        "Generated by `python scripts/lift_compat_sweep.py` (do not edit by hand; `--render` rebuilds it from",
+        "`docs/compatibility.json`). Each encoder is built with `weights=None` and lifted with",
+        "`gandlf_dimlift.lift(encoder, mode)` (including its check pass), then runs one training-mode forward",
+        "and backward on a `(2, 3, S, S, S)` volume (S = 32; 96 for the Inception stems); `ok` means every",
+        "feature map is 5D and every parameter got a gradient. A failure shows the error type; its message,",
+        "which names the module's path and type, is in the json.",
+        "",
+        f"Environment: {data['environment']}.",
+        "",
+        f"Encoders: {len(table)}; lift in at least one mode: {any_ok}. Per mode: "
+        + ", ".join(f"`{m}` {counts[m]}" for m in modes) + ".",
+        "",
+        "| encoder | " + " | ".join(f"`{m}`" for m in modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
+    for enc in sorted(table):
+        cells = []
+        for m in modes:
+            row = table[enc].get(m)
+            if row is None:
+                cells.append("not run")
+            elif row["status"] == "ok":
+                cells.append("ok")
+            else:
+                cells.append(row.get("error", "error"))
+        lines.append(f"| {enc} | " + " | ".join(cells) + " |")
+    failures = [(e, m, r) for e in sorted(table) for m, r in table[e].items() if r["status"] != "ok"]
+    if failures:
+        lines += ["", "## Why the failures fail", ""]
+        seen: dict[str, list[str]] = {}
+        for e, m, r in failures:
+            key = f"{r.get('error')}: {r.get('message', '')}"
+            key = key.split("Modes that could work")[0].strip()
+            seen.setdefault(key[:300], []).append(f"{e}/{m}")
+        for key, where in seen.items():
+            shown = ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else "")
+            lines.append(f"- {shown}: {key}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Command line entry."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="comma-separated encoder names (default: all)")
+    parser.add_argument("--modes", help="comma-separated modes (default: all)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per encoder (all modes)")
+    parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the json")
+    parser.add_argument("--merge", action="store_true", help="update the existing json instead of replacing it")
+    args = parser.parse_args()
+
+    if args.render:
+        MD_PATH.write_text(render(json.loads(JSON_PATH.read_text())))
+        return
+
+    from gandlf_dimlift.lift import MODES
+
+    modes = args.modes.split(",") if args.modes else list(MODES)
+    if args.worker:
+        run_one(args.worker, modes)
+        return
+
+    import segmentation_models_pytorch as smp
+    import torch
+    from segmentation_models_pytorch.encoders import encoders
+
+    names = args.only.split(",") if args.only else sorted(encoders)
+    rows = sweep(names, modes, args.timeout)
+    data = {
+        "environment": (
+            f"segmentation-models-pytorch {smp.__version__}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, CPU"
+        ),
+        "modes": list(MODES),
+        "encoders": sorted(encoders),
+        "results": rows,
+    }
+    if args.merge and JSON_PATH.exists():
+        old = json.loads(JSON_PATH.read_text())
+        new = {(r["encoder"], r["mode"]) for r in rows}
+        keep = [r for r in old["results"] if (r["encoder"], r["mode"]) not in new]
+        data["results"] = sorted(keep + rows, key=lambda r: (r["encoder"], MODES.index(r["mode"])))
+    JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
+    JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
+    MD_PATH.write_text(render(data))
+
+
+if __name__ == "__main__":
+    main()
