@@ -99,6 +99,8 @@ class DXNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.dimension, self.architecture)
+        if self.training:
+            _check_batch_norm_values(x, self.architecture)
         features = self.encoder(x)
         if self.problem_type == "segmentation":
             skips = [self.full_resolution(x), *features[1:-1]]
@@ -106,6 +108,19 @@ class DXNet(nn.Module):
         else:
             out = self.head(features[-1])
         return self.final(out)
+
+
+def _check_batch_norm_values(x: torch.Tensor, architecture: str) -> None:
+    """EfficientNet's batch norms need more than one value per channel at /32 in training; say so clearly."""
+    values = x.shape[0]
+    for size in x.shape[2:]:
+        values *= max(1, -(-size // 2**DEPTH))
+    if values <= 1:
+        raise ValueError(
+            f"{architecture}: a training batch of shape {tuple(x.shape)} leaves one value per channel at the /32 "
+            "bottleneck, where EfficientNet's batch norms need more than one. Use batch_size >= 2 or a patch larger "
+            "than 32 along one axis."
+        )
 
 
 def _stage_stride(dimension: int, slice_stride: int) -> tuple[int, ...]:
