@@ -124,6 +124,17 @@ def test_timm_family_builds_in_3d_and_runs():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("norm_type,norm_class", [("instance", nn.InstanceNorm3d), ("none", None)])
+def test_decoder_norm_follows_gandlf_norm_type(norm_type, norm_class):
+    params = parameters(patch_size=(64, 32, 32))
+    params["model"]["norm_type"] = norm_type
+    model = DXNET(parameters=params)
+    norms = [type(m) for m in model.decoder.modules() if isinstance(m, (nn.modules.batchnorm._NormBase,))]
+    assert norms == ([norm_class] * 10 if norm_class else [])
+    out = model(torch.randn(1, 1, 64, 32, 32))
+    assert out.shape == (1, 2, 64, 32, 32) and torch.isfinite(out).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inflation
 
@@ -176,12 +187,15 @@ def test_replicate_slice_padding_gives_the_2d_encoder_features_on_every_slice():
 
 def test_inflate_center_puts_the_2d_kernel_in_the_middle_plane():
     model_2d, model_3d = _twins("inflate_center")
-    for key, w2 in conv_weights(model_2d, "encoder.").items():
+    for key, w2 in conv_weights(model_2d, "").items():
         w3 = model_3d.state_dict()[key]
-        assert w3.dim() == 5
+        if key.endswith(".up.weight"):
+            # a stride-2 transposed conv has no centre form (every other plane would get no input): inflated
+            assert_inflated(w3, w2, key)
+            continue
         middle = w3.shape[-1] // 2
-        torch.testing.assert_close(w3[..., middle], w2)
-        assert w3.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-5)
+        torch.testing.assert_close(w3[..., middle], w2, msg=key)
+        assert w3.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-5), key
 
 
 def test_inflated_kernels_sum_to_the_2d_kernels_along_the_slice_axis():
@@ -355,6 +369,11 @@ def test_one_value_per_channel_at_the_bottleneck_in_training_is_a_clear_error():
         model(torch.randn(1, 1, 32, 32))
     assert model(torch.randn(1, 1, 64, 32)).shape == (1, 2, 64, 32)
     assert model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+    # Anisotropic: a 16-slice patch halved only 3 times keeps 2 values along the slice axis.
+    model = DXNET(parameters=parameters(patch_size=(32, 32, 16), slice_stride_from_stage=3)).train()
+    assert model(torch.randn(1, 1, 32, 32, 16)).shape == (1, 2, 32, 32, 16)
+    with pytest.raises(ValueError, match="one value per channel"):
+        model(torch.randn(1, 1, 32, 32, 8))
 
 
 def test_2d_input_to_the_3d_model_is_a_clear_error():

@@ -79,6 +79,7 @@ class DXNet(nn.Module):
         self.architecture = architecture
         self.dimension = spec.dimension
         self.problem_type = spec.problem_type
+        self.slice_strides = tuple(slice_strides)
         self.encoder = encoder
         channels = list(encoder.out_channels)  # input, /2, /4, /8, /16, /32
         if spec.problem_type == "segmentation":
@@ -100,7 +101,7 @@ class DXNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.dimension, self.architecture)
         if self.training:
-            _check_batch_norm_values(x, self.architecture)
+            _check_batch_norm_values(x, self.bottleneck_factors(), self.architecture)
         features = self.encoder(x)
         if self.problem_type == "segmentation":
             skips = [self.full_resolution(x), *features[1:-1]]
@@ -109,12 +110,17 @@ class DXNet(nn.Module):
             out = self.head(features[-1])
         return self.final(out)
 
+    def bottleneck_factors(self) -> tuple[int, ...]:
+        """How much the encoder shrinks each spatial axis (32, or less along an anisotropic slice axis)."""
+        slice_factor = 2 ** sum(s == 2 for s in self.slice_strides) if self.dimension == 3 else 2**DEPTH
+        return (2**DEPTH,) * (self.dimension - 1) + (slice_factor,)
 
-def _check_batch_norm_values(x: torch.Tensor, architecture: str) -> None:
-    """EfficientNet's batch norms need more than one value per channel at /32 in training; say so clearly."""
+
+def _check_batch_norm_values(x: torch.Tensor, factors: tuple[int, ...], architecture: str) -> None:
+    """EfficientNet's batch norms need more than one value per channel at the bottleneck in training."""
     values = x.shape[0]
-    for size in x.shape[2:]:
-        values *= max(1, -(-size // 2**DEPTH))
+    for size, factor in zip(x.shape[2:], factors, strict=True):
+        values *= -(-size // factor)
     if values <= 1:
         raise ValueError(
             f"{architecture}: a training batch of shape {tuple(x.shape)} leaves one value per channel at the /32 "
