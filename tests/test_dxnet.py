@@ -219,9 +219,10 @@ def test_anisotropic_inflation_keeps_the_slice_axis_until_the_chosen_stage():
     assert out.shape == (1, 2, 64, 64, 8)
 
 
-def test_anisotropic_inflation_with_depth_constant_volume_still_matches_2d():
+@pytest.mark.parametrize("family", dxnet.ENCODER_FAMILIES)
+def test_anisotropic_inflation_with_depth_constant_volume_still_matches_2d(family):
     torch.manual_seed(1)
-    model_2d, model_3d = _twins("inflate", slice_stride_from_stage=4, slice_padding="replicate")
+    model_2d, model_3d = _twins("inflate", slice_stride_from_stage=4, slice_padding="replicate", encoder_family=family)
     image = torch.randn(1, 1, 64, 64)
     volume = image[..., None].expand(1, 1, 64, 64, 8).contiguous()
     with torch.no_grad():
