@@ -60,11 +60,10 @@ SEGMENTATION_ROWS = ("resunet", "imagenet_unet", "dimlift_smp/acs", "dimlift_smp
 DETECTION_ROWS = ("resnet18", "densenet121", "efficientnetb0", "dimlift_slice_attention/attention",
                   "dimlift_slice_attention/mean")
 # --quick keeps one GaNDLF baseline and the plugin rows per task, so that it finishes in minutes
-QUICK_SEGMENTATION_ROWS = ("resunet", "dimlift_smp/acs", "dimlift_dxnet/b0")
+QUICK_SEGMENTATION_ROWS = ("resunet", "dimlift_dxnet/b0")
 QUICK_DETECTION_ROWS = ("resnet18", "dimlift_slice_attention/attention")
 TISSUES = ("background", "grey matter", "white matter")
-TRANSFER_2D = Row("dimlift_omnianet/b0-2d", "dimlift_omnianet", "segmentation",
-                  {"variant": "b0", "pretrained": False}, "2D Omnia-Net B0 on axial slices", dimension=2)
+TRANSFER_2D = next(r for r in ROWS if r.name == "dimlift_omnianet/b0-2d")
 TRANSFER_FROM_2D = "dimlift_dxnet/b0-from-2d"
 
 
@@ -433,8 +432,12 @@ def train_and_test(row: Row, task: str, csvs: dict[str, Path], patch: Sequence[i
 # ------------------------------------------------------------------------------------------------ transfer
 
 
-def write_slices(data_dir: Path, out: Path, every: int) -> dict[str, Path]:
-    """Axial (last-axis) slices of the segmentation train / validation subjects as 2D NIfTI and GaNDLF CSVs."""
+def write_slices(data_dir: Path, out: Path, every: int, batch: int) -> dict[str, Path]:
+    """Axial (last-axis) slices of the segmentation train / validation subjects as 2D NIfTI and GaNDLF CSVs.
+
+    The training slices are trimmed to a multiple of `batch`: GaNDLF keeps a last, smaller batch, and a batch of
+    one fails in batch-normalised encoders whose bottleneck is 1x1.
+    """
     import SimpleITK as sitk
 
     out.mkdir(parents=True, exist_ok=True)
@@ -452,6 +455,8 @@ def write_slices(data_dir: Path, out: Path, every: int) -> dict[str, Path]:
                     item = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
                     sitk.WriteImage(item, str(out / f"{sid}_{name}.nii.gz"))
                 rows.append([sid, str(out / f"{sid}_image.nii.gz"), str(out / f"{sid}_label.nii.gz")])
+        if split == "train":
+            rows = rows[: len(rows) - len(rows) % batch]
         path = out / f"slices_{split}.csv"
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -464,7 +469,8 @@ def write_slices(data_dir: Path, out: Path, every: int) -> dict[str, Path]:
 def transfer_experiment(data_dir: Path, csvs: dict[str, Path], settings: Settings, work: Path, reuse: bool,
                         random_init: dict[str, Any] | None) -> dict[str, Any]:
     """2D Omnia-Net on slices, then 3D DX-Net from its checkpoint vs from random weights."""
-    slice_csvs = write_slices(data_dir, work / "transfer" / "slices", settings.transfer_slices_every)
+    slice_csvs = write_slices(data_dir, work / "transfer" / "slices", settings.transfer_slices_every,
+                              settings.batch)
     slice_csvs["test"] = slice_csvs["validation"]  # the 2D model is only a weight source; its test is not reported
     patch3d = (settings.patch,) * 3
     two_d = train_and_test(TRANSFER_2D, "transfer", slice_csvs, (settings.patch,) * 2, settings, work, reuse,
@@ -491,6 +497,57 @@ def epochs_to(values: Sequence[float], target: float) -> int | None:
         if value >= target:
             return index + 1
     return None
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+
+
+def estimate(throughput_json: Path, settings: Settings, data: dict[str, Any], seg_rows: Sequence[str],
+             det_rows: Sequence[str], transfer: bool, overhead_s: float) -> tuple[str, float]:
+    """Predicted wall time of a comparison from measured train-step and inference times.
+
+    `throughput_json` comes from ``python -m benchmarks.throughput --json FILE --sizes PATCH XxYxZ`` at this run's
+    batch size: the segmentation rows at the patch size, the detection rows at the volume shape. Per row:
+    epochs x (training steps x step time + validation forward passes x inference time) + the test split's
+    forward passes + `overhead_s` for each of the two gandlf_run start-ups (imports, queues, checkpoints).
+
+    Returns:
+        A markdown table and the total in seconds.
+    """
+    measured = json.loads(Path(throughput_json).read_text())["results"]
+    timing = {(r["name"], str(r["size"])): r for r in measured if "error" not in r}
+    shape = data["shape"]
+    n = {s: len(data["splits"][s]) for s in bdata.SPLITS}
+    grid = int(np.prod([int(np.ceil(x / settings.patch)) for x in shape]))
+    volume = "x".join(str(x) for x in shape)
+    lines = ["| row | size | step s | infer s | steps / epoch | forward passes / epoch | estimated min |",
+             "|---|---|---|---|---|---|---|"]
+    total = 0.0
+    plan = [(name, str(settings.patch), int(np.ceil(n["train"] * settings.samples_per_volume / settings.batch)),
+             n["validation"] * grid / settings.batch, n["test"] * grid / settings.batch) for name in seg_rows]
+    plan += [(name, volume, int(np.ceil(n["train"] / settings.batch)), n["validation"] / settings.batch,
+              n["test"] / settings.batch) for name in det_rows]
+    if transfer:
+        seg_steps = int(np.ceil(n["train"] * settings.samples_per_volume / settings.batch))
+        dxnet = ("dimlift_dxnet/b0", str(settings.patch), seg_steps, n["validation"] * grid / settings.batch,
+                 n["test"] * grid / settings.batch)
+        slices = n["train"] * shape[2] * 0.8 / settings.transfer_slices_every  # about 80 % of slices hold brain
+        plan += [dxnet] if "dimlift_dxnet/b0" not in seg_rows else []  # the random-initialisation arm
+        plan += [(TRANSFER_2D.name, str(settings.patch), int(np.ceil(slices / settings.batch)),
+                  n["validation"] / n["train"] * slices / settings.batch, 0.0), dxnet]
+    for name, size, steps, val_passes, test_passes in plan:
+        key = (name, size if not size.isdigit() else str(int(size)))
+        record = timing.get(key)
+        if record is None:
+            lines.append(f"| {name} | {size} | — | — | {steps} | {val_passes:.0f} | not measured |")
+            continue
+        seconds = (settings.epochs * (steps * record["train_s"] + val_passes * record["infer_s"])
+                   + test_passes * record["infer_s"] + 2 * overhead_s)
+        total += seconds
+        lines.append(f"| {name} | {size} | {record['train_s']:.2f} | {record['infer_s']:.2f} | {steps} | "
+                     f"{val_passes:.0f} | {seconds / 60:.1f} |")
+    lines.append(f"| **total** | | | | | | **{total / 60:.0f}** |")
+    return "\n".join(lines), total
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -633,6 +690,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"rows for the detection task ({' '.join(DETECTION_ROWS)})")
     parser.add_argument("--no-transfer", action="store_true", help="skip the dimensional transfer experiment")
     parser.add_argument("--reuse", action="store_true", help="reuse rows already finished in --work")
+    parser.add_argument("--estimate", default=None, metavar="THROUGHPUT_JSON",
+                        help="only print the predicted wall time from `benchmarks.throughput --json` measurements")
+    parser.add_argument("--overhead-s", type=float, default=40.0,
+                        help="seconds per gandlf_run start-up assumed by --estimate (40)")
     return parser.parse_args(argv)
 
 
@@ -662,11 +723,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shape = meta_data["shape"]
     if any(s < settings.patch for s in shape):
         raise SystemExit(f"--patch {settings.patch} is larger than the volume {shape}; choose --patch <= {min(shape)}")
-    results: dict[str, Any] = {}
+    n_train = len(meta_data["splits"]["train"])
+    counts = (("segmentation patches", n_train * settings.samples_per_volume), ("detection volumes", n_train))
+    for what, count in counts:
+        if count % settings.batch:
+            raise SystemExit(
+                f"{count} training {what} per epoch is not a multiple of --batch {settings.batch}: GaNDLF would end "
+                "each epoch with a smaller batch, and a batch of one breaks batch-normalised encoders with a 1x1 "
+                "bottleneck. Change --subjects, --samples-per-volume or --batch."
+            )
     seg_rows = QUICK_SEGMENTATION_ROWS if args.quick else SEGMENTATION_ROWS
     det_rows = QUICK_DETECTION_ROWS if args.quick else DETECTION_ROWS
     seg_rows = seg_rows if args.segmentation_rows is None else tuple(args.segmentation_rows)
     det_rows = det_rows if args.detection_rows is None else tuple(args.detection_rows)
+    if args.estimate:
+        text, _ = estimate(Path(args.estimate), settings, meta_data, seg_rows, det_rows, not args.no_transfer,
+                           args.overhead_s)
+        print(text)
+        return {}
+    results: dict[str, Any] = {}
     seg_csvs, det_csvs = bdata.task_csvs(data_dir, "segmentation"), bdata.task_csvs(data_dir, "detection")
     results["segmentation"] = [
         train_and_test(row_by_name(n), "segmentation", seg_csvs, (settings.patch,) * 3, settings, work, args.reuse,

@@ -76,6 +76,9 @@ ROWS: tuple[Row, ...] = (
         "DX-Net B0 U-Net (inflated EfficientNet)"),
     Row("dimlift_dxnet/b0-cls", "dimlift_dxnet", "classification", {"variant": "b0", **PRETRAINED_OFF},
         "DX-Net B0 classifier"),
+    # the 2D source of the dimensional transfer experiment (patch = size squared)
+    Row("dimlift_omnianet/b0-2d", "dimlift_omnianet", "segmentation", {"variant": "b0", **PRETRAINED_OFF},
+        "2D Omnia-Net B0 (transfer source)", dimension=2),
     # slice attention
     *(
         Row(f"dimlift_slice_attention/{pooling}", "dimlift_slice_attention", "classification",
@@ -98,14 +101,28 @@ def select_rows(patterns: Sequence[str] | None, rows: Sequence[Row] = ROWS) -> l
     return chosen
 
 
-def gandlf_parameters(row: Row, size: int, batch: int, num_epochs: int = 1) -> dict[str, Any]:
+def patch_of(size: int | str, dimension: int) -> tuple[int, ...]:
+    """A patch shape from a size: 64 -> (64, 64, 64) (squared for 2D rows); "48x64x48" -> (48, 64, 48)."""
+    if isinstance(size, int) or str(size).isdigit():
+        return (int(size),) * dimension
+    parts = tuple(int(p) for p in str(size).lower().split("x"))
+    if len(parts) != 3 or dimension != 3:
+        raise ValueError(f"size {size!r}: use one integer (cube) or XxYxZ for 3D rows, e.g. 48x64x48.")
+    return parts
+
+
+def size_label(size: int | str) -> str:
+    return f"{size}³" if isinstance(size, int) or str(size).isdigit() else str(size)
+
+
+def gandlf_parameters(row: Row, size: int | str, batch: int, num_epochs: int = 1) -> dict[str, Any]:
     """GaNDLF's parameter dict for `row` at patch `size`, as `gandlf_run` would build it (ConfigManager + headers).
 
     Importing this registers the plugin keys (``import gandlf_dimlift`` before ``GANDLF``) when it is installed.
     """
     from benchmarks.compare import make_config
 
-    config = make_config(row, patch_size=(size,) * row.dimension, batch_size=batch, num_epochs=num_epochs)
+    config = make_config(row, patch_size=patch_of(size, row.dimension), batch_size=batch, num_epochs=num_epochs)
     return config_to_parameters(config, row.task)
 
 
@@ -195,7 +212,7 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_mib())
 
 
-def measure(row: Row, size: int, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
+def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
     """Builds the row's model through GaNDLF and measures it. Runs inside a fresh process."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -213,7 +230,7 @@ def measure(row: Row, size: int, batch: int, device: str, repeats: int, threads:
 
     model = get_model(parameters).to(device)
     result["params"] = sum(p.numel() for p in model.parameters())
-    shape = (batch, 1) + (size,) * row.dimension
+    shape = (batch, 1) + patch_of(size, row.dimension)
     x = torch.randn(shape, device=device)
     n_classes = len(CLASSES[row.task])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -238,7 +255,7 @@ def measure(row: Row, size: int, batch: int, device: str, repeats: int, threads:
         out = model(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
     result["output_shape"] = list(out.shape)
-    expected = (batch, n_classes) + ((size,) * row.dimension if row.task == "segmentation" else ())
+    expected = (batch, n_classes) + (patch_of(size, row.dimension) if row.task == "segmentation" else ())
     if tuple(out.shape) != expected:
         result["warning"] = f"output shape {tuple(out.shape)} != expected {expected}"
     result["infer_flops"] = counter.get_total_flops()
@@ -385,10 +402,10 @@ def run_worker(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[di
 
 def _progress(result: dict[str, Any]) -> None:
     status = result.get("error") or f"train {result['train_s']:.3f} s, infer {result['infer_s']:.3f} s"
-    print(f"[throughput] {result['name']} {result['size']}^3: {status}", file=sys.stderr, flush=True)
+    print(f"[throughput] {result['name']} {size_label(result['size'])}: {status}", file=sys.stderr, flush=True)
 
 
-def run_rows(rows: Sequence[Row], sizes: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_rows(rows: Sequence[Row], sizes: Sequence[int | str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (size, row): one fresh process each, or all in one watched process with `--in-process`."""
     specs = [{"row": asdict(row), "size": size, "batch": args.batch, "device": args.device, "repeats": args.repeats,
               "threads": args.threads} for size in sizes for row in rows]
@@ -397,7 +414,7 @@ def run_rows(rows: Sequence[Row], sizes: Sequence[int], args: argparse.Namespace
     return [result for spec in specs for result in run_worker([spec], args)]
 
 
-def run_row(row: Row, size: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_row(row: Row, size: int | str, args: argparse.Namespace) -> dict[str, Any]:
     """Measures one row at one size in a fresh, watched process."""
     return run_rows([row], [size], args)[0]
 
@@ -456,7 +473,7 @@ def table(results: list[dict[str, Any]], peak: float, reference: str | None, row
         if r.get("warning"):
             note = f"{note}; {r['warning']}"
         lines.append(
-            f"| {r['name']} | {task} | {r['size']}³ | {r['params'] / 1e6:.2f} M | {_fmt(r['train_s'], 3)} | "
+            f"| {r['name']} | {task} | {size_label(r['size'])} | {r['params'] / 1e6:.2f} M | {_fmt(r['train_s'], 3)} | "
             f"{_fmt(r['infer_s'], 3)} | {_fmt(r['train_peak_mib'], 0)} | {_fmt(r['infer_peak_mib'], 0)} | "
             f"{r['train_flops'] / 1e9:.1f} | {_fmt(rate / 1e12 if rate else None, 3)} | "
             f"{_fmt(100 * rate / peak if rate else None, 1)} | {_fmt(t_ratio)} | {_fmt(m_ratio)} | {note} |"
@@ -493,7 +510,8 @@ def header(args: argparse.Namespace, peak: float, argv: Sequence[str]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="cubic patch sizes (32 64 128)")
+    parser.add_argument("--sizes", nargs="+", default=None,
+                        help="patch sizes: integers for cubes, or XxYxZ (default 32 64 128)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (2)")
     parser.add_argument("--rows", nargs="+", default=None, help="keep rows whose name contains any of these")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -516,7 +534,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.sizes = args.sizes or [32]
         args.repeats = args.repeats or 1
         args.in_process = args.in_process or not args.isolate
-    args.sizes = args.sizes or [32, 64, 128]
+    args.sizes = [int(s) if str(s).isdigit() else s for s in (args.sizes or [32, 64, 128])]
     args.repeats = args.repeats or 3
     return args
 
