@@ -36,8 +36,25 @@ DEFAULT_SIZE = 32
 GOAL_PREFIXES = ("efficientnet-b", "timm-efficientnet-b", "vgg", "inceptionv4", "dpn", "resnext", "timm-regnet")
 
 
-def run_one(name: str, modes: list[str]) -> list[dict]:
-    """Lift one encoder in each mode (runs inside the worker subprocess)."""
+#: Run last (largest first-conv-to-head compute or memory), so a partial sweep covers the rest.
+HEAVY = (
+    "resnext101_32x16d", "resnext101_32x32d", "resnext101_32x48d", "senet154", "timm-efficientnet-l2",
+    "timm-efficientnet-b8", "timm-resnest269e", "timm-resnest200e", "timm-regnetx_320", "timm-regnety_320",
+    "dpn131", "dpn107", "inceptionresnetv2", "inceptionv4", "efficientnet-b7", "timm-efficientnet-b7",
+)
+MEMORY_LIMIT_GB = float(os.environ.get("SWEEP_MEMORY_GB", "14"))
+
+
+class _Done(Exception):
+    pass
+
+
+def _is_memory_error(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err) or "not enough memory" in str(err)
+
+
+def run_one(name: str, modes: list[str], backward: bool = True) -> list[dict]:
+    """Lift one encoder in each mode; return one result row per mode."""
     import torch
     from segmentation_models_pytorch.encoders import get_encoder
 
@@ -46,37 +63,56 @@ def run_one(name: str, modes: list[str]) -> list[dict]:
     torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "1")))
     size = SIZES.get(name, DEFAULT_SIZE)
     rows = []
+    torch.manual_seed(0)
+    enc = get_encoder(name, in_channels=3, depth=5, weights=None)
+    unused: set[str] = set()
+    if backward:
+        # parameters the 2D encoder's forward never uses (e.g. the classifier stem left in
+        # efficientnet-pytorch's encoder) get no gradient in 3D either: they are not counted
+        enc.train()
+        sum(f.float().mean() for f in enc(torch.randn(2, 3, size, size))[1:]).backward()
+        unused = {n.rpartition(".")[0] for n, p in enc.named_parameters() if p.requires_grad and p.grad is None}
+        enc.zero_grad(set_to_none=True)
     for mode in modes:
         t0 = time.time()
         row = {"encoder": name, "mode": mode, "size": size}
         try:
-            torch.manual_seed(0)
-            enc = get_encoder(name, in_channels=3, depth=5, weights=None)
-            lifted = lift(enc, mode, probe_size=size, inplace=True)
+            lifted = lift(enc, mode, probe_size=size)
+            if not backward:
+                row.update(status="ok", checked="lift")
+                raise _Done
             lifted.train()
             x = torch.randn(2, 3, size, size, size)
             feats = lifted(x)
             if any(f.dim() != 5 for f in feats):
                 raise RuntimeError(f"feature maps are not all 5D: {[tuple(f.shape) for f in feats]}")
             sum(f.float().mean() for f in feats[1:]).backward()
-            missing = [n for n, p in lifted.named_parameters() if p.requires_grad and p.grad is None]
+            missing = [
+                n for n, p in lifted.named_parameters()
+                if p.requires_grad and p.grad is None and n.rpartition(".")[0] not in unused
+            ]
             if missing:
                 raise RuntimeError(f"{len(missing)} parameters got no gradient, e.g. {missing[:3]}")
-            row.update(status="ok", shapes=[list(f.shape[1:]) for f in feats])
+            row.update(status="ok", checked="lift+backward", shapes=[list(f.shape[1:]) for f in feats])
+        except _Done:
+            pass
         except Exception as err:  # noqa: BLE001 - the sweep records every failure
-            row.update(status="error", error=type(err).__name__, message=str(err)[:600])
+            status = "memory" if _is_memory_error(err) else "error"
+            row.update(status=status, error=type(err).__name__, message=str(err)[:600])
         row["seconds"] = round(time.time() - t0, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def sweep(names: list[str], modes: list[str], timeout: float) -> list[dict]:
-    """Run :func:`run_one` for every encoder in a subprocess with a timeout."""
+def sweep(names: list[str], modes: list[str], timeout: float, save=None, backward: bool = True) -> list[dict]:
+    """Run :func:`run_one` for every encoder in a subprocess with a timeout; ``save(rows)`` after each."""
     rows: list[dict] = []
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for i, name in enumerate(names):
         cmd = [sys.executable, __file__, "--worker", name, "--modes", ",".join(modes)]
+        if not backward:
+            cmd.append("--no-backward")
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -96,8 +132,11 @@ def sweep(names: list[str], modes: list[str], timeout: float) -> list[dict]:
                 for m in modes[len(got):]
             ]
         rows += got
+        if save is not None:
+            save(rows)
         ok = sum(r["status"] == "ok" for r in got)
-        print(f"[{i + 1}/{len(names)}] {name}: {ok}/{len(modes)} ok ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        took = time.time() - t0
+        print(f"[{i + 1}/{len(names)}] {name}: {ok}/{len(modes)} ok ({took:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -119,7 +158,8 @@ def render(data: dict) -> str:
         "`gandlf_dimlift.lift(encoder, mode)` (including its check pass), then runs one training-mode forward",
         "and backward on a `(2, 3, S, S, S)` volume (S = 32; 96 for the Inception stems); `ok` means every",
         "feature map is 5D and every parameter got a gradient. A failure shows the error type; its message,",
-        "which names the module's path and type, is in the json.",
+        "which names the module's path and type, is in the json. `memory limit`: the worker's address-space",
+        f"cap ({MEMORY_LIMIT_GB:g} GB) was hit on the sweep machine; not a lift failure.",
         "",
         f"Environment: {data['environment']}.",
         "",
@@ -137,10 +177,12 @@ def render(data: dict) -> str:
                 cells.append("not run")
             elif row["status"] == "ok":
                 cells.append("ok")
+            elif row["status"] == "memory":
+                cells.append("memory limit")
             else:
                 cells.append(row.get("error", "error"))
         lines.append(f"| {enc} | " + " | ".join(cells) + " |")
-    failures = [(e, m, r) for e in sorted(table) for m, r in table[e].items() if r["status"] != "ok"]
+    failures = [(e, m, r) for e in sorted(table) for m, r in table[e].items() if r["status"] == "error"]
     if failures:
         lines += ["", "## Why the failures fail", ""]
         seen: dict[str, list[str]] = {}
@@ -160,7 +202,11 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--only", help="comma-separated encoder names (default: all)")
     parser.add_argument("--modes", help="comma-separated modes (default: all)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per encoder (all modes)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per encoder (all modes)")
+    parser.add_argument(
+        "--no-backward", action="store_true", help="only lift (with its check pass); skip the training step"
+    )
+    parser.add_argument("--skip-done", action="store_true", help="with --merge: skip encoders already ok in all modes")
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the json")
     parser.add_argument("--merge", action="store_true", help="update the existing json instead of replacing it")
     args = parser.parse_args()
@@ -173,32 +219,44 @@ def main() -> None:
 
     modes = args.modes.split(",") if args.modes else list(MODES)
     if args.worker:
-        run_one(args.worker, modes)
+        import resource
+
+        # address-space cap: a huge encoder fails with MemoryError (recorded as such) instead of waking
+        # the OOM killer on a shared machine
+        cap = int(MEMORY_LIMIT_GB * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        run_one(args.worker, modes, backward=not args.no_backward)
         return
 
     import segmentation_models_pytorch as smp
     import torch
     from segmentation_models_pytorch.encoders import encoders
 
-    names = args.only.split(",") if args.only else sorted(encoders)
-    rows = sweep(names, modes, args.timeout)
-    data = {
-        "environment": (
-            f"segmentation-models-pytorch {smp.__version__}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, CPU"
-        ),
-        "modes": list(MODES),
-        "encoders": sorted(encoders),
-        "results": rows,
-    }
-    if args.merge and JSON_PATH.exists():
-        old = json.loads(JSON_PATH.read_text())
+    names = args.only.split(",") if args.only else sorted(encoders, key=lambda n: (n in HEAVY, n))
+    if args.skip_done and JSON_PATH.exists():
+        done = json.loads(JSON_PATH.read_text())["results"]
+        names = [n for n in names if sum(r["encoder"] == n and r["mode"] in modes for r in done) < len(modes)
+                 or any(r["encoder"] == n and r["status"] != "ok" for r in done)]
+    environment = (
+        f"segmentation-models-pytorch {smp.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, CPU"
+    )
+    old = json.loads(JSON_PATH.read_text()) if (args.merge and JSON_PATH.exists()) else {"results": []}
+
+    def save(rows: list[dict]) -> None:
         new = {(r["encoder"], r["mode"]) for r in rows}
         keep = [r for r in old["results"] if (r["encoder"], r["mode"]) not in new]
-        data["results"] = sorted(keep + rows, key=lambda r: (r["encoder"], MODES.index(r["mode"])))
-    JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-    JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
-    MD_PATH.write_text(render(data))
+        data = {
+            "environment": environment,
+            "modes": list(MODES),
+            "encoders": sorted(encoders),
+            "results": sorted(keep + rows, key=lambda r: (r["encoder"], MODES.index(r["mode"]))),
+        }
+        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
+        JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
+        MD_PATH.write_text(render(data))
+
+    sweep(names, modes, args.timeout, save, backward=not args.no_backward)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Lifted operators against acsconv's own: forward+backward time and output equality (CPU).
+
+Usage::
+
+    python -m benchmarks.lift_ops                    # one conv layer and a resnet18 encoder at 64^3
+    python -m benchmarks.lift_ops --size 32 --repeats 2
+
+For each mode (``acs``, ``soft``, ``mean``, ``inflate``, ``2.5d``) the 2D module is lifted with
+``gandlf_dimlift.lift.lift``; the reference is the same lifted network with every convolution replaced
+by acsconv's operator for that mode, holding the same weights:
+
+* ``acs``: ``acsconv.operators.ACSConv``; ``soft`` / ``mean``: ``acsconv.operators.SoftACSConv``
+  (``mean=True`` for mean; the soft mixing weights copied);
+* ``inflate``: ``nn.Conv3d`` with the weights of acsconv's I3D loader
+  (``acsconv.converters.conv3d_converter.load_state_dict_from_2d_to_i3d``, repeat axis -1);
+* ``2.5d``: ``acsconv.operators.Conv2_5d(unsqueeze_axis=-1)`` (kernel ``(k, k, 1)``).
+
+Pools, norms and the rest are the lifted ones in both, so the comparison isolates the conv operator.
+acsconv's whole-model converters are not used: ``Conv2_5dConverter`` fails to load its own weights
+when ``unsqueeze_axis != -3`` and its pools are cubic, which is not 2.5D. The reported ratio is
+``gandlf_dimlift time / acsconv time`` (below 1: faster), median of ``--repeats`` runs timed
+alternately (ours, acsconv, ours, ...) after one warm-up each, on whatever CPU threads torch uses here;
+on a shared machine the ratio is the figure to read, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from gandlf_dimlift.lift import lift
+from gandlf_dimlift.lift.ops import ACSConv3d
+
+MODES = ("acs", "soft", "mean", "inflate", "2.5d")
+
+
+def _acsconv_twin(conv2d: nn.Conv2d, lifted: nn.Module, mode: str) -> nn.Module:
+    """acsconv's operator for ``mode`` with the weights of ``conv2d`` (and of ``lifted`` for soft)."""
+    from acsconv.converters.conv3d_converter import load_state_dict_from_2d_to_i3d
+    from acsconv.operators import ACSConv, Conv2_5d, SoftACSConv
+
+    k, s, p, d = conv2d.kernel_size[0], conv2d.stride[0], conv2d.padding[0], conv2d.dilation[0]
+    args = (conv2d.in_channels, conv2d.out_channels, k, s, p, d, conv2d.groups)
+    bias = conv2d.bias is not None
+    if mode == "acs":
+        ref = ACSConv(*args, bias=bias)
+    elif mode in ("soft", "mean"):
+        ref = SoftACSConv(*args, mean=mode == "mean", bias=bias)
+    elif mode == "inflate":
+        ref = nn.Conv3d(*args[:2], (k, k, k), s, p, d, conv2d.groups, bias)
+        holder = nn.Module()
+        holder.c = ref
+        load_state_dict_from_2d_to_i3d(holder, {f"c.{n}": t.detach().clone() for n, t in conv2d.state_dict().items()},
+                                       repeat_axis=-1)
+        return ref
+    else:
+        ref = Conv2_5d(*args, bias=bias, unsqueeze_axis=-1)
+        # acsconv's Conv2_5d also strides along the slice axis; 2.5D here keeps every slice
+        ref.stride = (s, s, 1)
+    state = {n: t.detach().clone() for n, t in conv2d.state_dict().items()}
+    if mode == "2.5d":
+        state["weight"] = state["weight"].unsqueeze(-1)
+    if mode == "soft":
+        state["soft_w_core"] = lifted.soft_w_core.detach().clone()
+    ref.load_state_dict(state)
+    return ref
+
+
+def reference(model2d: nn.Module, lifted: nn.Module, mode: str) -> nn.Module:
+    """A copy of ``lifted`` whose convolutions are acsconv's operators with the same weights."""
+    ref = copy.deepcopy(lifted)
+    convs2d = dict(model2d.named_modules())
+    targets = (ACSConv3d, nn.Conv3d)
+    if isinstance(ref, targets):
+        return _acsconv_twin(model2d, lifted, mode)
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, targets) and name in convs2d:
+            parent_name, _, child = name.rpartition(".")
+            parent = ref.get_submodule(parent_name) if parent_name else ref
+            setattr(parent, child, _acsconv_twin(convs2d[name], mod, mode))
+    return ref
+
+
+def _step(module: nn.Module, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out = out if isinstance(out, torch.Tensor) else sum(o.float().mean() for o in out[1:])
+    out.float().mean().backward()
+    return time.perf_counter() - t0
+
+
+def _time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median forward+backward seconds of ``a`` and ``b``, timed alternately (after one warm-up each)."""
+    _step(a, x), _step(b, x)
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_step(a, x))
+        tb.append(_step(b, x))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    if isinstance(ya, torch.Tensor):
+        ya, yb = [ya], [yb]
+    return max((p - q).abs().max().item() for p, q in zip(ya, yb, strict=True))
+
+
+def run(size: int, repeats: int, channels: int) -> list[dict]:
+    """Time every mode on one conv layer and on a resnet18 encoder."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    cases = {
+        f"Conv2d({channels}, {channels}, 3, padding=1)": nn.Conv2d(channels, channels, 3, padding=1),
+        "smp resnet18 encoder": smp.encoders.get_encoder("resnet18", weights=None),
+    }
+    rows = []
+    for case, model2d in cases.items():
+        model2d.train()
+        cin = model2d.in_channels if isinstance(model2d, nn.Conv2d) else 3
+        x = torch.randn(2 if cin == 3 else 1, cin, size, size, size)
+        for mode in MODES:
+            ours = lift(model2d, mode).train()
+            ref = reference(model2d, ours, mode).train()
+            diff = _max_diff(ours.eval(), ref.eval(), x)
+            ours.train(), ref.train()
+            t_ours, t_ref = _time_pair(ours, ref, x, repeats)
+            rows.append({"case": case, "mode": mode, "ours_s": t_ours, "acsconv_s": t_ref, "max_abs_diff": diff})
+            print(f"{case:28s} {mode:8s} ours {t_ours:7.3f} s  acsconv {t_ref:7.3f} s  ratio {t_ours / t_ref:5.2f}  "
+                  f"max|diff| {diff:.1e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    """Command line entry: print the table of ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64, help="cube side of the input volume")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    parser.add_argument("--channels", type=int, default=32, help="channels of the single conv layer")
+    args = parser.parse_args()
+    rows = run(args.size, args.repeats, args.channels)
+    print(f"\nforward+backward, input {args.size}^3, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          "ratio = gandlf_dimlift / acsconv")
+    print("| case | mode | gandlf_dimlift (s) | acsconv (s) | ratio | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['mode']} | {r['ours_s']:.3f} | {r['acsconv_s']:.3f} | "
+              f"{r['ours_s'] / r['acsconv_s']:.2f} | {r['max_abs_diff']:.1e} |")
+    worst = max(r["max_abs_diff"] for r in rows)
+    print(f"\nlargest output difference: {worst:.1e} ({'within' if worst <= 1e-5 else 'ABOVE'} 1e-5)")
+
+
+if __name__ == "__main__":
+    main()
