@@ -8,8 +8,9 @@ to a band of slices along the last axis (GaNDLF's slice axis), to test where sli
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ def _subject(rng: np.random.Generator, shape: Sequence[int], positive: bool, rad
     centre = [rng.uniform(s * 0.35, s * 0.65) for s in shape]
     if signal_slices is not None:
         centre[-1] = (signal_slices[0] + signal_slices[1] - 1) / 2
-    distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+    distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
     mask = (distance <= radius) & positive
     if signal_slices is not None:
         band = np.zeros(shape, dtype=bool)

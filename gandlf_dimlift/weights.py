@@ -108,8 +108,9 @@ def smp_encoder(name: str, in_channels: int = 3, depth: int = 5, weights: str | 
 
 def _missing_weights_message(name: str, weights: str, error: Exception) -> str:
     if name.startswith("tu-"):
+        cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
         where = (
-            f"timm fetches {name[3:]} from the Hugging Face hub (cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')}). "
+            f"timm fetches {name[3:]} from the Hugging Face hub (cache: {cache}). "
             "Download it on a machine with network access into that cache, or save the 2D weights and set "
             "`pretrained:` to the file path."
         )
@@ -183,7 +184,8 @@ def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source
         if k in state_dict and state_dict[k].shape != v.shape
     )
     if missing or mismatched:
-        details = "; ".join(([f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}"] if missing else []) + mismatched[:5])
+        shown = [f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}"] if missing else []
+        details = "; ".join(shown + mismatched[:5])
         raise WeightsError(
             f"The weights in {source} do not fit this model ({len(missing)} missing, {len(mismatched)} of another "
             f"shape: {details}). Check that the file comes from the same architecture and options."

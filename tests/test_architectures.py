@@ -38,9 +38,9 @@ def _parameters(key, example) -> dict:
 
 
 def test_every_registered_architecture_declares_examples():
-    from gandlf_dimlift.registry import registered
-
     import GANDLF.models  # noqa: F401 - the hook registers on this import
+
+    from gandlf_dimlift.registry import registered
 
     keys = sorted(registered())
     assert {"dimlift_smp", "dimlift_dxnet", "dimlift_omnianet", "dimlift_slice_attention"} <= set(keys)

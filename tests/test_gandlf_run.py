@@ -36,7 +36,8 @@ def test_classification_with_logits_trains_and_infers(tmp_path):
     run_gandlf(config, csv, model_dir)
     assert (model_dir / "dimlift_smp_best.pth.tar").is_file()
     run_gandlf(config, csv, model_dir, train=False, output_dir=tmp_path / "out")
-    predictions = [p for p in inference_outputs(model_dir, tmp_path / "out") if p.name == "final_preds_and_avg_probs.csv"]
+    outputs = inference_outputs(model_dir, tmp_path / "out")
+    predictions = [p for p in outputs if p.name == "final_preds_and_avg_probs.csv"]
     assert predictions, "GaNDLF wrote no predictions CSV"
     table = pd.read_csv(predictions[0])
     assert sorted(table["SubjectID"]) == [f"subject_{i:03d}" for i in range(4)]
@@ -54,7 +55,8 @@ def test_config_is_rejected_when_the_hook_is_disabled(tmp_path):
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"encoder_nme": "resnet34"}, "model.encoder_nme is not an option of dimlift_smp; did you mean model.encoder_name?"),
+        ({"encoder_nme": "resnet34"},
+         "model.encoder_nme is not an option of dimlift_smp; did you mean model.encoder_name?"),
         ({"converter_type": "acss"}, "is not allowed; choose one of ['acs', 'soft', 'mean', 'inflate'"),
     ],
 )

@@ -129,7 +129,7 @@ class PoolingHead(nn.Module):
 
 def check_divisible(patch_size: tuple[int, ...], divisors: tuple[int, ...], architecture: str, why: str) -> None:
     """Raises ConfigError naming the first spatial axis whose size is not a multiple of its divisor."""
-    for axis, (size, divisor) in enumerate(zip(patch_size, divisors)):
+    for axis, (size, divisor) in enumerate(zip(patch_size, divisors, strict=True)):
         if size % divisor:
             lower = max(divisor, size - size % divisor)
             upper = size - size % divisor + divisor
