@@ -175,6 +175,26 @@ def test_inflate_transposed_conv_constant_volume(k: int, s: int, p: int) -> None
     assert torch.allclose(out[..., 2 : n - 2], up(x2)[..., None].expand(-1, -1, -1, -1, n - 4), atol=1e-5)
 
 
+@pytest.mark.parametrize(("k", "s", "p", "op"), [(2, 2, 0, 0), (4, 2, 1, 0), (3, 2, 1, 1), (3, 1, 1, 0)])
+def test_acs_transposed_conv(k: int, s: int, p: int, op: int) -> None:
+    # each view: the 2D transposed kernel in its plane, nearest-neighbour along its thin axis; so a
+    # volume constant along a view's thin axis gets the 2D response there, and shapes match Conv3d's
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(4, 6, k, s, p, op)
+    x2 = torch.randn(1, 4, 5, 6)
+    with torch.no_grad():
+        ref = up(x2)
+        for mode in ("acs", "soft", "mean"):
+            lifted = lift(up, mode)
+            assert lifted(torch.randn(1, 4, 5, 6, 7)).shape == nn.ConvTranspose3d(4, 6, k, s, p, op)(
+                torch.randn(1, 4, 5, 6, 7)
+            ).shape
+        lifted = lift(up, "acs")
+        out = lifted(x2[..., None].expand(-1, -1, -1, -1, 3))
+        z = sum(lifted.acs_kernel_split[:2])  # the channels of the view thin along Z
+        assert torch.allclose(out[:, z:], ref[:, z:, :, :, None].expand_as(out[:, z:]), atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["inflate", "inflate_center"])
 def test_inflate_kernels(mode: str) -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1)
@@ -222,7 +242,7 @@ class _Tiny(nn.Module):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_forward_backward_state_dict(mode: str) -> None:
-    net = _Tiny(transposed=mode not in ("acs", "soft", "mean", "inflate_center"))
+    net = _Tiny(transposed=mode != "inflate_center")
     lifted = lift(net, mode).train()
     x = torch.randn(2, 3, 16, 16, 16)
     out = lifted(x)
@@ -233,7 +253,7 @@ def test_every_mode_forward_backward_state_dict(mode: str) -> None:
     buf = io.BytesIO()
     torch.save(lifted.state_dict(), buf)
     buf.seek(0)
-    again = lift(_Tiny(transposed=mode not in ("acs", "soft", "mean", "inflate_center")), mode)
+    again = lift(_Tiny(transposed=mode != "inflate_center"), mode)
     again.load_state_dict(torch.load(buf))
     lifted.eval(), again.eval()
     with torch.no_grad():
@@ -306,8 +326,8 @@ def test_error_lists_modes_that_could_work() -> None:
     square = r"'0' of type .*Conv2d: a non-square ACS kernel .* Modes that could work: inflate, inflate_center, 2.5d"
     with pytest.raises(LiftError, match=square):
         lift(nn.Sequential(nn.Conv2d(3, 4, (1, 3))), "soft")
-    with pytest.raises(LiftError, match=r"transposed.*Modes that could work: inflate, 2.5d, conv3d"):
-        lift(nn.ConvTranspose2d(3, 4, 2, 2), "acs")
+    with pytest.raises(LiftError, match=r"ACS transposed convs need groups=1.*Modes that could work: inflate, 2.5d"):
+        lift(nn.ConvTranspose2d(4, 4, 2, 2, groups=2), "acs")
 
 
 def test_functional_2d_se_is_fine_per_slice() -> None:

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from .errors import LiftError, type_name
-from .ops import ACSConv3d, AvgPool3dAnySize, BatchNormAct3d, SameConv3d, SliceGroupNorm, SliceInstanceNorm
+from .ops import (
+    ACSConv3d,
+    ACSConvTranspose3d,
+    AvgPool3dAnySize,
+    BatchNormAct3d,
+    SameConv3d,
+    SliceGroupNorm,
+    SliceInstanceNorm,
+)
 from .resize import Interpolate3d
 from .spec import ACS_MODES, LiftSpec, as_pair
 
@@ -96,12 +104,23 @@ def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) ->
 
 
 def lift_conv_transpose(m: nn.ConvTranspose2d, spec: LiftSpec, path: str) -> nn.Module:
-    """Lift a ``ConvTranspose2d`` (dense modes only)."""
+    """Lift a ``ConvTranspose2d`` (ACS modes: :class:`ACSConvTranspose3d`)."""
     if spec.mode in ACS_MODES:
-        raise LiftError(
-            "transposed convolutions have no ACS form here (a thin-axis stride would leave empty planes)",
-            path=path, module_type=type_name(m), modes=("inflate", "2.5d", "conv3d"),
+        k, s, p, op, d = (as_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.output_padding, m.dilation))
+        if m.groups != 1 or any(a != b for a, b in (k, s, p, op, d)) or m.padding_mode != "zeros":
+            raise LiftError(
+                "ACS transposed convs need groups=1, zero padding and equal kernel/stride/padding/dilation on both "
+                f"axes, got groups={m.groups}, kernel {k}, stride {s}, padding {p}, output_padding {op}, dilation {d}",
+                path=path, module_type=type_name(m), modes=("inflate", "2.5d", "conv3d"),
+            )
+        new = ACSConvTranspose3d(
+            m.in_channels, m.out_channels, k[0], s[0], p[0], op[0], d[0], m.bias is not None, spec.mode
         )
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        return _like(new, m)
     k3, s3, p3, d3 = spec.lift_geometry(m.kernel_size, m.stride, m.padding, m.dilation)
     op = as_pair(m.output_padding)
     new_op = 0 if (spec.per_slice or op[0] != op[1] or k3[spec.new_dim] == 1) else op[0]

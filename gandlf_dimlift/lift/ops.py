@@ -24,6 +24,7 @@ on the layers it supports.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -387,3 +388,98 @@ class AvgPool3dAnySize(nn.AvgPool3d):
 
 def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
     return (value,) * 3 if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+class ACSConvTranspose3d(nn.Module):
+    """Transposed ACS convolution (``acs``, ``soft``, ``mean``) over a 2D transposed kernel.
+
+    A view applies the 2D transposed kernel in its plane; along its thin axis each input plane is
+    repeated ``stride`` times (nearest-neighbour upsampling), since a one-plane kernel strided along that
+    axis would leave ``stride - 1`` of every ``stride`` output planes empty. The output shape is that of
+    a cubic transposed conv (cropped or zero-padded at the far end of the thin axis where they differ),
+    so the views concatenate (``acs``) or mix (``soft`` / ``mean``) like :class:`ACSConv3d`. A volume
+    constant along a view's thin axis gets the 2D response on every plane. ``acsconv`` has no
+    transposed operator.
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        kernel_size: Square kernel extent.
+        stride: Stride (every axis).
+        padding: Padding (every axis).
+        output_padding: Output padding (every axis).
+        dilation: Dilation (every axis).
+        bias: Whether to add a bias.
+        mode: ``acs``, ``soft`` or ``mean``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        output_padding: int = 0,
+        dilation: int = 1,
+        bias: bool = True,
+        mode: str = "acs",
+    ) -> None:
+        super().__init__()
+        if mode not in ("acs", "soft", "mean"):
+            raise ValueError(f"ACSConvTranspose3d mode must be 'acs', 'soft' or 'mean', got {mode!r}")
+        self.in_channels, self.out_channels, self.mode = in_channels, out_channels, mode
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.output_padding, self.dilation = output_padding, dilation
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        if mode == "soft":
+            self.soft_w_core = nn.Parameter(torch.zeros(out_channels, 3))
+        base, rest = divmod(out_channels, 3)
+        self.acs_kernel_split = tuple(base + (1 if i < rest else 0) for i in range(3))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _view(self, x: torch.Tensor, view: int, lo: int, hi: int) -> torch.Tensor:
+        k, s, p, op, d = self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation
+        weight = self.weight[:, lo:hi].unsqueeze(2 + view)
+        if s > 1:
+            weight = weight.expand(*weight.shape[: 2 + view], s, *weight.shape[3 + view :])
+        strides = (s, s, s)
+        pads = [p, p, p]
+        pads[view] = 0
+        dil = [d, d, d]
+        dil[view] = 1
+        out_pad = [op, op, op]
+        out_pad[view] = 0
+        y = F.conv_transpose3d(x, weight, None, strides, tuple(pads), tuple(out_pad), 1, tuple(dil))
+        n = x.shape[2 + view]
+        target = (n - 1) * s - 2 * p + d * (k - 1) + op + 1
+        have = y.shape[2 + view]
+        if have != target:
+            pads6 = [(0, 0)] * 3
+            pads6[view] = (0, target - have)
+            y = pad_or_crop(y, pads6)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        check_5d(x, type(self).__name__)
+        if self.mode == "acs":
+            bounds = [0, *itertools.accumulate(self.acs_kernel_split)]
+            views = [self._view(x, v, bounds[v], bounds[v + 1]) for v in range(3) if self.acs_kernel_split[v]]
+            out = torch.cat(views, 1) if len(views) > 1 else views[0]
+        else:
+            views = [self._view(x, v, 0, self.out_channels) for v in range(3)]
+            if self.mode == "mean":
+                out = (views[0] + views[1] + views[2]) / 3
+            else:
+                w = self.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
+                out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, output_padding={self.output_padding}, mode={self.mode!r}"
+        )
