@@ -367,3 +367,10 @@ def test_adapt_input_channels(lifted: bool) -> None:
         six = adapt_input_channels(net, 6)
         assert six[0].weight.shape[1] == 6 and torch.allclose(six(grey.repeat_interleave(6, 1)), ref, atol=1e-5)
         assert torch.allclose(six[0].weight[:, 3:], six[0].weight[:, :3])
+
+
+def test_package_level_call() -> None:
+    import gandlf_dimlift
+    import gandlf_dimlift.lift  # noqa: F401 - the subpackage shadows a function re-export: it is callable
+
+    assert isinstance(gandlf_dimlift.lift(nn.Conv2d(3, 4, 3, padding=1), mode="inflate"), nn.Conv3d)

@@ -38,7 +38,10 @@ in ``2.5d``); ``check=False`` skips it, ``probe_size`` sets it.
 from __future__ import annotations
 
 import copy
+import sys
+import types
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -109,3 +112,17 @@ def lift(
     if check:
         probe(root, spec, probe_size)
     return root
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``gandlf_dimlift.lift(model, ...)`` work once this subpackage is imported.
+
+    Importing ``gandlf_dimlift.lift`` sets the package attribute ``lift`` to this module, which would
+    shadow a top-level re-export of the function; calling the module calls :func:`lift`.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return lift(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
