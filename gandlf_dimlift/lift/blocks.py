@@ -25,9 +25,13 @@ def pool_dims(spec: LiftSpec) -> tuple[int, ...]:
 
 
 def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Move ``old``'s children onto ``new`` under the same names; keep the training flag."""
+    """Move ``old``'s children, parameters and buffers onto ``new`` under the same names; keep the training flag."""
     for name, child in old.named_children():
         setattr(new, name, child)
+    for name, param in old.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buf in old.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
     new.train(old.training)
     return new
 

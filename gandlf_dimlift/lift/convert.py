@@ -17,24 +17,33 @@ is verified by the probe (:mod:`.probe`), which rejects 2D-only functional calls
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from torch import nn
 
 from .errors import LiftError, type_name
 from .layers import TORCH_3D, TORCH_AGNOSTIC, TORCH_CHANNEL_WISE, TORCH_TABLE
-from .spec import MODES, LiftSpec
-
-log = logging.getLogger(__name__)
+from .spec import LiftSpec
 
 Converter = Callable[[nn.Module, LiftSpec, str], nn.Module]
 
 #: Third-party module types with a lifted replacement, keyed by ``module.QualName``.
 NAMED_TABLE: dict[str, Converter] = {}
 
-#: Third-party module types that cannot be lifted, with the reason (keyed like :data:`NAMED_TABLE`).
-NAMED_REJECT: dict[str, tuple[str, tuple[str, ...]]] = {}
+_TOKENS = (
+    "vision transformer: reshapes feature maps to token sequences and back with 2D sizes "
+    "(B, C, H, W)"
+)
+#: Third-party module types that cannot be lifted, with the reason and the modes that could work.
+NAMED_REJECT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "segmentation_models_pytorch.encoders.mix_transformer.MixVisionTransformerEncoder": (_TOKENS, ()),
+    "segmentation_models_pytorch.decoders.segformer.decoder.SegformerDecoder": (
+        "the Segformer decoder reshapes 2D token maps (B, C, H, W); not lifted", ()
+    ),
+    "segmentation_models_pytorch.decoders.upernet.decoder.UPerNetDecoder": (
+        "the UPerNet decoder resamples with 2D sizes throughout; not lifted (use FPN or PSPNet)", ()
+    ),
+}
 
 
 def register(*names: str) -> Callable[[Converter], Converter]:
@@ -73,11 +82,11 @@ def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
         return new
     if name in NAMED_REJECT:
         why, modes = NAMED_REJECT[name]
-        raise LiftError(why, path=path, module_type=name, modes=[m for m in modes if m != spec.mode])
+        raise LiftError(why, path=path, module_type=name, modes=modes)
     if name in NAMED_TABLE:
         module = NAMED_TABLE[name](module, spec, path)
     elif t in TORCH_CHANNEL_WISE:
-        if module.dim not in (1, -4) and module.dim is not None:  # type: ignore[attr-defined]
+        if module.dim not in (1, None):  # type: ignore[attr-defined]
             raise LiftError(
                 f"{t.__name__}(dim={module.dim}) acts on a spatial axis of a 2D map",  # type: ignore[attr-defined]
                 path=path, module_type=name,
@@ -108,10 +117,3 @@ def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
             setattr(module, child_name, new_child)
     return module
 
-
-def all_modes_but(*modes: str) -> tuple[str, ...]:
-    """The modes other than ``modes`` (for error hints)."""
-    return tuple(m for m in MODES if m not in modes)
-
-
-log.debug("lift tables: %d torch types, %d agnostic", len(TORCH_TABLE), len(TORCH_AGNOSTIC))
