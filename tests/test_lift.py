@@ -374,3 +374,19 @@ def test_package_level_call() -> None:
     import gandlf_dimlift.lift  # noqa: F401 - the subpackage shadows a function re-export: it is callable
 
     assert isinstance(gandlf_dimlift.lift(nn.Conv2d(3, 4, 3, padding=1), mode="inflate"), nn.Conv3d)
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("Unet", "inflate"), ("FPN", "acs"), ("Linknet", "soft")])
+def test_smp_model_lifts_whole(arch: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model = getattr(smp, arch)(encoder_name="efficientnet-b0", encoder_weights=None, classes=2, in_channels=1)
+    lifted = lift(model, mode).eval()
+    with torch.no_grad():
+        assert lifted(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    with pytest.raises(ValueError, match=r"not divisible by the encoder's output stride 32 along Z; pad to \{'Z': 32"):
+        lifted(torch.randn(1, 1, 32, 32, 20))
+
+
+def test_lift_rejects_vision_transformers_by_name() -> None:
+    with pytest.raises(LiftError, match=r"'<root>' of type .*MixVisionTransformerEncoder: vision transformer"):
+        lift(smp.encoders.get_encoder("mit_b0", weights=None), "inflate")
