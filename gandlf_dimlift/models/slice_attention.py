@@ -215,7 +215,8 @@ class SliceAttentionClassifier(nn.Module):
 
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
         """Slice features `(n, F)` of 2D slices `(n, C, h, w)`, in chunks of `slice_chunk_size`."""
-        frozen = self.training and bool(self.encoder_steps_done < self.freeze_encoder_steps)
+        # read the counter only when freezing is on: `bool(tensor)` synchronises with the GPU
+        frozen = self.training and self.freeze_encoder_steps > 0 and self.encoder_frozen
         recompute = self.checkpointing and self.training and torch.is_grad_enabled() and not frozen
         chunks = slices.split(self.slice_chunk_size) if self.slice_chunk_size else (slices,)
         outputs = []
@@ -248,7 +249,7 @@ class SliceAttentionClassifier(nn.Module):
             sequence = self.position(sequence, runs)
         pooled, slice_weights = self.pooling(sequence)
         if self.training and torch.is_grad_enabled():
-            self.encoder_steps_done += 1
+            self.encoder_steps_done += 1  # in place on the device: no synchronisation
         detached = slice_weights.detach()
         self.last_slice_weights = dict(zip(self.views, detached.split([n for _, n in runs], dim=1), strict=True))
         return self.final(self.head(self.dropout(pooled)))
