@@ -5,6 +5,7 @@ Usage::
     python scripts/lift_compat_sweep.py                 # full sweep -> docs/compatibility.{json,md}
     python scripts/lift_compat_sweep.py --only resnet18,vgg11 --modes inflate,2.5d
     python scripts/lift_compat_sweep.py --render        # rebuild the markdown table from the json
+    python scripts/lift_compat_sweep.py --merge --skip-done --shard 0/2   # resume, two shards at once
 
 Each encoder is built with ``weights=None`` (no hub access) and lifted with
 ``gandlf_dimlift.lift.lift(encoder, mode)``, which runs its check pass (a 3D forward in eval mode) at
@@ -127,7 +128,7 @@ def sweep(names: list[str], modes: list[str], timeout: float, save=None, backwar
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             got += [
-                {"encoder": name, "mode": m, "status": "error", "error": "Timeout",
+                {"encoder": name, "mode": m, "status": "timeout", "error": "Timeout",
                  "message": f"no result within {timeout:.0f} s"}
                 for m in modes[len(got):]
             ]
@@ -150,6 +151,8 @@ def render(data: dict) -> str:
         table[row["encoder"]][row["mode"]] = row
     counts = {m: sum(table[e].get(m, {}).get("status") == "ok" for e in table) for m in modes}
     any_ok = sum(any(r.get("status") == "ok" for r in table[e].values()) for e in table)
+    with_grad = sum(r.get("checked") == "lift+backward" for r in data["results"] if r["status"] == "ok")
+    n_ok = sum(r["status"] == "ok" for r in data["results"])
     lines = [
         "# Lift compatibility of segmentation-models-pytorch encoders",
         "",
@@ -159,9 +162,14 @@ def render(data: dict) -> str:
         "and backward on a `(2, 3, S, S, S)` volume (S = 32; 96 for the Inception stems); `ok` means every",
         "feature map is 5D and every parameter got a gradient. A failure shows the error type; its message,",
         "which names the module's path and type, is in the json. `memory limit`: the worker's address-space",
-        f"cap ({MEMORY_LIMIT_GB:g} GB) was hit on the sweep machine; not a lift failure.",
+        f"cap ({MEMORY_LIMIT_GB:g} GB) was hit on the sweep machine; `timeout`: no result within the",
+        "per-encoder time limit on the (shared, 2-core) sweep machine. Neither is a lift failure: both are",
+        "undetermined here.",
         "",
         f"Environment: {data['environment']}.",
+        "",
+        f"Of the {n_ok} `ok` entries, {with_grad} also ran the training-mode forward/backward; the others were",
+        "swept with `--no-backward` (lift and its 3D check pass only) to fit the shared sweep machine.",
         "",
         f"Encoders: {len(table)}; lift in at least one mode: {any_ok}. Per mode: "
         + ", ".join(f"`{m}` {counts[m]}" for m in modes) + ".",
@@ -179,6 +187,8 @@ def render(data: dict) -> str:
                 cells.append("ok")
             elif row["status"] == "memory":
                 cells.append("memory limit")
+            elif row["status"] == "timeout":
+                cells.append("timeout")
             else:
                 cells.append(row.get("error", "error"))
         lines.append(f"| {enc} | " + " | ".join(cells) + " |")
@@ -206,6 +216,7 @@ def main() -> None:
     parser.add_argument(
         "--no-backward", action="store_true", help="only lift (with its check pass); skip the training step"
     )
+    parser.add_argument("--shard", help="i/n: run every n-th encoder starting at i (shards can run at once)")
     parser.add_argument("--skip-done", action="store_true", help="with --merge: skip encoders already ok in all modes")
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the json")
     parser.add_argument("--merge", action="store_true", help="update the existing json instead of replacing it")
@@ -241,20 +252,30 @@ def main() -> None:
         f"segmentation-models-pytorch {smp.__version__}, torch {torch.__version__}, "
         f"Python {platform.python_version()}, CPU"
     )
-    old = json.loads(JSON_PATH.read_text()) if (args.merge and JSON_PATH.exists()) else {"results": []}
+    if args.shard:
+        index, count = (int(v) for v in args.shard.split("/"))
+        names = names[index::count]
+    if not args.merge and JSON_PATH.exists():
+        JSON_PATH.unlink()
 
     def save(rows: list[dict]) -> None:
-        new = {(r["encoder"], r["mode"]) for r in rows}
-        keep = [r for r in old["results"] if (r["encoder"], r["mode"]) not in new]
-        data = {
-            "environment": environment,
-            "modes": list(MODES),
-            "encoders": sorted(encoders),
-            "results": sorted(keep + rows, key=lambda r: (r["encoder"], MODES.index(r["mode"]))),
-        }
+        # read-modify-write under a lock: several shards may run at once
+        import fcntl
+
         JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-        JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
-        MD_PATH.write_text(render(data))
+        with open(JSON_PATH.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {"results": []}
+            new = {(r["encoder"], r["mode"]) for r in rows}
+            keep = [r for r in old["results"] if (r["encoder"], r["mode"]) not in new]
+            data = {
+                "environment": environment,
+                "modes": list(MODES),
+                "encoders": sorted(encoders),
+                "results": sorted(keep + rows, key=lambda r: (r["encoder"], MODES.index(r["mode"]))),
+            }
+            JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
+            MD_PATH.write_text(render(data))
 
     sweep(names, modes, args.timeout, save, backward=not args.no_backward)
 
