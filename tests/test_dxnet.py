@@ -275,6 +275,20 @@ def test_dxnet_checkpoint_reloads_into_dxnet(tmp_path):
         torch.testing.assert_close(model.state_dict()[key], value)
 
 
+def test_omnianet_checkpoint_reloads_into_omnianet_with_other_classes(tmp_path):
+    source = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32)))
+    randomise_batchnorm(source)
+    checkpoint = save_gandlf_checkpoint(source, tmp_path / "run2d", "dimlift_omnianet", 2)
+    model = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32), n_classes=3,
+                                           pretrained=str(checkpoint)))
+    state = model.state_dict()
+    for key, value in source.state_dict().items():
+        if key.startswith("segmentation_head."):
+            assert state[key].shape != value.shape  # 3 classes: the output layer starts random
+        else:
+            torch.testing.assert_close(state[key], value, msg=key)
+
+
 def test_encoder_state_dict_file_initialises_the_encoder(tmp_path):
     import segmentation_models_pytorch as smp
 

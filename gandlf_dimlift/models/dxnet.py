@@ -430,15 +430,6 @@ COMMON_OPTIONS = (
         choices=ENCODER_FAMILIES,
     ),
     Option(
-        "pretrained",
-        "imagenet",
-        "false, a weight tag of the encoder (imagenet, advprop, noisy-student), or a file: a 2D EfficientNet "
-        f"state dict, or a GaNDLF checkpoint of {OMNIANET_KEY} (2D: encoder and decoder are transferred) or "
-        f"{DXNET_KEY}.",
-        types=(bool, str),
-        check=weights.check_pretrained,
-    ),
-    Option(
         "decoder_channels",
         PAPER_DECODER_CHANNELS,
         "Channels of the five U-Net decoder stages, coarsest first (segmentation).",
@@ -449,6 +440,21 @@ COMMON_OPTIONS = (
            check=_check_dropout),
     Option("pooling", "avg", "Global pooling before the linear head (classification, regression).",
            choices=("avg", "max")),
+)
+
+_PRETRAINED_HELP = (
+    "false, a weight tag of the encoder (imagenet, advprop, noisy-student), or a file: a 2D EfficientNet state "
+    "dict, or a GaNDLF checkpoint of "
+)
+PRETRAINED_2D = Option(
+    "pretrained", "imagenet", _PRETRAINED_HELP + f"{OMNIANET_KEY}.", types=(bool, str), check=weights.check_pretrained
+)
+PRETRAINED_3D = Option(
+    "pretrained",
+    "imagenet",
+    _PRETRAINED_HELP + f"{OMNIANET_KEY} (2D: dimensional transfer of encoder and decoder) or {DXNET_KEY}.",
+    types=(bool, str),
+    check=weights.check_pretrained,
 )
 
 LIFT_OPTIONS = (
@@ -524,7 +530,7 @@ DXNET = Architecture(
     key=DXNET_KEY,
     summary="DX-Net: 2D EfficientNet B0-B7 (ImageNet or a trained Omnia-Net) inflated to a 3D U-Net or classifier.",
     make=make_dxnet,
-    options=COMMON_OPTIONS + LIFT_OPTIONS,
+    options=(PRETRAINED_3D, *COMMON_OPTIONS, *LIFT_OPTIONS),
     dimensions=(3,),
     examples=(
         Example("segmentation", 3, _SMALL, patch_size=(32, 32, 32)),
@@ -537,7 +543,7 @@ OMNIANET = Architecture(
     key=OMNIANET_KEY,
     summary="Omnia-Net: 2D EfficientNet B0-B7 encoder with a U-Net decoder or a pooling head; the 2D twin of DX-Net.",
     make=make_omnianet,
-    options=COMMON_OPTIONS,
+    options=(PRETRAINED_2D, *COMMON_OPTIONS),
     dimensions=(2,),
     examples=(
         Example("segmentation", 2, _SMALL, patch_size=(32, 32)),
