@@ -97,12 +97,17 @@ def test_2p5d_encoder_equals_slice_by_slice(name: str) -> None:
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "PSPNet", "MAnet", "Linknet"])
+@pytest.mark.parametrize(
+    "arch",
+    ["Unet", "FPN", "DeepLabV3Plus", "PSPNet", "MAnet", "Linknet"]
+    + [pytest.param(a, marks=pytest.mark.slow) for a in ("UnetPlusPlus", "DeepLabV3", "PAN")],
+)
 def test_2p5d_smp_model_equals_slice_by_slice(arch: str) -> None:
     torch.manual_seed(0)
     model = getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, encoder_depth=5, classes=2).eval()
-    lifted = lift(model, "2.5d")
-    x = torch.randn(1, 3, 32, 32, 2)
+    size = 128 if arch == "PAN" else 32  # PAN's pyramid attention pools its stride-16 map three times more
+    lifted = lift(model, "2.5d", probe_size=(size, size, 2))
+    x = torch.randn(1, 3, size, size, 2)
     with torch.no_grad():
         assert torch.allclose(lifted(x), _per_slice(model, x), atol=1e-4)
 
