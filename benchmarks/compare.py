@@ -96,7 +96,7 @@ class Settings:
 
 
 QUICK_SETTINGS = {"epochs": 2, "batch": 2, "patch": 32, "samples_per_volume": 1, "timeout": 600,
-                  "target_dice": 0.3, "transfer_slices_every": 4}
+                  "target_dice": 0.3, "transfer_slices_every": 8}
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -163,14 +163,30 @@ class Call:
         return " / ".join(t.strip() for t in useful[-lines:])[:500]
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident set size (MiB) of a process and all its descendants (0 when gone)."""
+def pss_mib(pid: int) -> float:
+    """Proportional set size (MiB) of a process: shared pages count once over the processes sharing them.
+
+    Plain RSS would count a forked child (GaNDLF forks `git` when it saves a checkpoint) as a second copy of its
+    parent. Falls back to RSS where /proc/<pid>/smaps_rollup is missing.
+    """
     from benchmarks.throughput import process_rss_mib
 
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return process_rss_mib(pid)
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Memory (MiB, proportional set size) of a process and all its descendants (0 when gone)."""
     total, stack = 0.0, [pid]
     while stack:
         current = stack.pop()
-        total += process_rss_mib(current)
+        total += pss_mib(current)
         try:
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as handle:
