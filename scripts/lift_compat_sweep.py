@@ -106,11 +106,18 @@ def run_one(name: str, modes: list[str], backward: bool = True) -> list[dict]:
     return rows
 
 
-def sweep(names: list[str], modes: list[str], timeout: float, save=None, backward: bool = True) -> list[dict]:
-    """Run :func:`run_one` for every encoder in a subprocess with a timeout; ``save(rows)`` after each."""
+def sweep(
+    names: list[str], modes: list[str], timeout: float, save=None, backward: bool = True, skip=None
+) -> list[dict]:
+    """Run :func:`run_one` for every encoder in a subprocess with a timeout; ``save(rows)`` after each.
+
+    ``skip(name)``, checked just before each encoder, lets shards running at once share the work.
+    """
     rows: list[dict] = []
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for i, name in enumerate(names):
+        if skip is not None and skip(name):
+            continue
         cmd = [sys.executable, __file__, "--worker", name, "--modes", ",".join(modes)]
         if not backward:
             cmd.append("--no-backward")
@@ -216,8 +223,11 @@ def main() -> None:
     parser.add_argument(
         "--no-backward", action="store_true", help="only lift (with its check pass); skip the training step"
     )
+    parser.add_argument("--reverse", action="store_true", help="run the encoder list backwards")
     parser.add_argument("--shard", help="i/n: run every n-th encoder starting at i (shards can run at once)")
-    parser.add_argument("--skip-done", action="store_true", help="with --merge: skip encoders already ok in all modes")
+    parser.add_argument(
+        "--skip-done", action="store_true", help="with --merge: skip encoders with a result in every mode"
+    )
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the json")
     parser.add_argument("--merge", action="store_true", help="update the existing json instead of replacing it")
     args = parser.parse_args()
@@ -244,10 +254,14 @@ def main() -> None:
     from segmentation_models_pytorch.encoders import encoders
 
     names = args.only.split(",") if args.only else sorted(encoders, key=lambda n: (n in HEAVY, n))
-    if args.skip_done and JSON_PATH.exists():
-        done = json.loads(JSON_PATH.read_text())["results"]
-        names = [n for n in names if sum(r["encoder"] == n and r["mode"] in modes for r in done) < len(modes)
-                 or any(r["encoder"] == n and r["status"] != "ok" for r in done)]
+    if args.reverse:
+        names = names[::-1]
+
+    def skip(name: str) -> bool:
+        if not (args.skip_done and JSON_PATH.exists()):
+            return False
+        have = {(r["encoder"], r["mode"]) for r in json.loads(JSON_PATH.read_text())["results"]}
+        return all((name, m) in have for m in modes)
     environment = (
         f"segmentation-models-pytorch {smp.__version__}, torch {torch.__version__}, "
         f"Python {platform.python_version()}, CPU"
@@ -277,7 +291,7 @@ def main() -> None:
             JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
             MD_PATH.write_text(render(data))
 
-    sweep(names, modes, args.timeout, save, backward=not args.no_backward)
+    sweep(names, modes, args.timeout, save, backward=not args.no_backward, skip=skip)
 
 
 if __name__ == "__main__":
