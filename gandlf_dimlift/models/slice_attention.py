@@ -298,7 +298,7 @@ ARCHITECTURE = Architecture(
         Option(
             "freeze_encoder_steps",
             0,
-            "Training steps (optimizer steps at batch level) during which the encoder is frozen.",
+            "Training steps (forward passes in training mode with gradients) during which the encoder is frozen.",
             check=_at_least(0, "freeze_encoder_steps"),
         ),
         Option("imagenet_normalize", False, "Normalise 1- or 3-channel slices with ImageNet's mean and std."),
