@@ -99,7 +99,9 @@ def test_b0_segmentation_parameter_count_is_below_20m():
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
 
 
-@pytest.mark.parametrize("variant", dxnet.VARIANTS)
+@pytest.mark.parametrize(
+    "variant", [v if v < "b4" else pytest.param(v, marks=pytest.mark.slow) for v in dxnet.VARIANTS]
+)
 def test_every_variant_builds(variant):
     model = DXNET(parameters=parameters(variant=variant))
     name = dxnet.encoder_name("efficientnet", variant)
