@@ -156,10 +156,13 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     architecture = dimension = None
     if isinstance(content, dict) and "model_state_dict" in content:
         state_dict = content["model_state_dict"]
+        # GaNDLF's save_model stores the run's parameters in the checkpoint; its run folder has them too.
+        parameters = content.get("parameters")
         parameters_file = path.parent / "parameters.pkl"
-        if parameters_file.is_file():
+        if not isinstance(parameters, dict) and parameters_file.is_file():
             with open(parameters_file, "rb") as handle:
                 parameters = pickle.load(handle)
+        if isinstance(parameters, dict) and "model" in parameters:
             architecture = str(parameters["model"]["architecture"]).lower()
             dimension = int(parameters["model"]["dimension"])
         elif path.name.endswith(".pth.tar"):
