@@ -710,6 +710,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--detection-rows", nargs="*", default=None,
                         help=f"rows for the detection task ({' '.join(DETECTION_ROWS)})")
     parser.add_argument("--no-transfer", action="store_true", help="skip the dimensional transfer experiment")
+    parser.add_argument("--transfer-slices-every", type=int, default=None,
+                        help="keep every n-th axial slice with brain for the 2D transfer source (2; quick 8)")
     parser.add_argument("--reuse", action="store_true", help="reuse rows already finished in --work")
     parser.add_argument("--estimate", default=None, metavar="THROUGHPUT_JSON",
                         help="only print the predicted wall time from `benchmarks.throughput --json` measurements")
@@ -722,7 +724,8 @@ def settings_of(args: argparse.Namespace) -> Settings:
     values = dict(QUICK_SETTINGS) if args.quick else {}
     for key, arg in (("epochs", "epochs"), ("batch", "batch"), ("patch", "patch"),
                      ("samples_per_volume", "samples_per_volume"), ("learning_rate", "lr"), ("timeout", "timeout"),
-                     ("target_dice", "target_dice"), ("max_memory_gib", "max_memory_gib")):
+                     ("target_dice", "target_dice"), ("max_memory_gib", "max_memory_gib"),
+                     ("transfer_slices_every", "transfer_slices_every")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
     return Settings(**values)

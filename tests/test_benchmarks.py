@@ -160,3 +160,19 @@ def test_multiclass_detection_scores(tmp_path: Path) -> None:
         "SubjectID,PredictedClass,0,1,2\na,0,0.8,0.1,0.1\nb,1,0.1,0.8,0.1\nc,1,0.1,0.5,0.4\n")
     scores = compare.detection_scores(tmp_path, tmp_path / "test.csv")
     assert scores["accuracy"] == pytest.approx(2 / 3) and scores["auc"] == pytest.approx(1.0)
+
+
+def test_estimate_from_measured_steps(tmp_path: Path) -> None:
+    measured = {"results": [{"name": "resunet", "size": 32, "train_s": 2.0, "infer_s": 0.5},
+                            {"name": "resnet18", "size": "48x64x48", "train_s": 3.0, "infer_s": 1.0}]}
+    (tmp_path / "t.json").write_text(json.dumps(measured))
+    meta = {"shape": [48, 64, 48], "splits": {"train": list(range(14)), "validation": list(range(5)),
+                                              "test": list(range(5))}}
+    settings = compare.Settings(epochs=4, batch=2, patch=32, samples_per_volume=1)
+    text, total = compare.estimate(tmp_path / "t.json", settings, meta, ["resunet"], ["resnet18", "densenet121"],
+                                   transfer=False, overhead_s=10.0)
+    # resunet: 4 epochs x (7 steps x 2 s + 5 volumes x 8 patches / 2 x 0.5 s) + 20 test passes x 0.5 s + 2 x 10 s
+    seg = 4 * (7 * 2.0 + 20 * 0.5) + 20 * 0.5 + 20.0
+    det = 4 * (7 * 3.0 + 2.5 * 1.0) + 2.5 * 1.0 + 20.0
+    assert total == pytest.approx(seg + det)
+    assert "| densenet121 | 48x64x48 | — | — | 7 | 2 | not measured |" in text
