@@ -1,0 +1,1 @@
+"""Benchmarks of gandlf-dimlift against GaNDLF baselines: data, training comparison, throughput, MedMNIST."""
