@@ -137,6 +137,7 @@ def config_to_parameters(config: dict[str, Any], task: str) -> dict[str, Any]:
     from GANDLF.utils import populate_header_in_parameters
 
     _register()
+    check_registered(config["model"]["architecture"])  # before GaNDLF's validation, whose message is truncated
     headers = {"subjectIDHeader": 0, "channelHeaders": [1], "labelHeader": None, "predictionHeaders": []}
     if task == "segmentation":
         headers["labelHeader"] = 2
