@@ -54,7 +54,8 @@ def run_ranks(command: list[str], world: int, timeout: int, env: dict) -> list[s
 # metrics with `sync_dist=True`. Any run with two or more processes therefore fails, whatever the model. This
 # driver runs GaNDLF's own training path (`main_run` -> `TrainingManager` -> `lightning.Trainer(strategy="ddp")`)
 # with GaNDLF's module subclassed so that those methods run on every rank, rank >= 1 writing to its own folder.
-# Training steps, loss, optimizer, data module and DDP wrapping are GaNDLF's and Lightning's, unchanged.
+# Training steps, loss, optimizer, data module and DDP wrapping are GaNDLF's and Lightning's, unchanged; the
+# subclass only shifts rank r's images by r (see on_train_batch_start) and prints a parameter checksum at the end.
 DDP_DRIVER = textwrap.dedent(
     """
     import os, sys
@@ -69,6 +70,12 @@ DDP_DRIVER = textwrap.dedent(
                 output_dir = os.path.join(output_dir, f"rank_{rank}")
                 os.makedirs(output_dir, exist_ok=True)
             super().__init__(params, output_dir, *args, **kwargs)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            # GaNDLF's torchio queue may hand every rank the same subject: shift rank r's images by r, so that equal
+            # parameters after training can only come from DDP's gradient averaging.
+            for key in self.params["channel_keys"]:
+                batch[key]["data"].add_(float(self.global_rank))
 
         def on_fit_end(self):
             flat = torch.cat([p.detach().flatten() for p in self.model.parameters()]).double()
@@ -135,7 +142,7 @@ def test_gandlf_trainer_trains_a_plugin_model_with_lightning_ddp_on_two_cpu_proc
     assert sorted(checks) == ["0", "1"], output[-3000:]
     assert checks["0"].startswith("gandlf_dimlift.models.smp.SmpModel")
     assert checks["0"] == checks["1"], f"parameters differ between ranks after DDP training: {checks}"
-    # Each rank trained on its own subject (different local losses), so equal parameters mean synced gradients.
+    # Each rank trained on different images (different local losses), so equal parameters mean synced gradients.
     losses = [(folder / "logs_training.csv").read_text() for folder in (model_dir, model_dir / "rank_1")]
     assert losses[0] != losses[1]
     # GaNDLF's checkpoint of the DDP run loads into the architecture built by GaNDLF.
