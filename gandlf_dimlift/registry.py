@@ -140,8 +140,8 @@ def refresh_gandlf_configuration() -> None:
     imported before `register()`, rebuild the pydantic models whose schemas embed that Literal.
     """
     module = sys.modules.get("GANDLF.configuration.model_config")
-    if module is None:
-        return  # not imported yet: it will read the updated dictionary when it is
+    if module is None or not hasattr(module, "ModelConfig"):
+        return  # not imported yet, or still importing: it will read the updated dictionary
     from typing import Literal
 
     from GANDLF.models import global_models_dict

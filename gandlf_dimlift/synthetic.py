@@ -1,7 +1,8 @@
 """Tiny synthetic datasets and GaNDLF configs: for the `demo` command and the tests.
 
 A subject is a noisy volume (or 2D image) with a bright ball. Segmentation labels the ball; classification
-labels whether the ball is there; regression predicts its radius. `signal_slices` confines the ball's signal
+labels whether the ball is there; regression predicts its radius (with an all-ones Label image, which GaNDLF 0.1.5
+needs to sample regression patches). `signal_slices` confines the ball's signal
 to a band of slices along the last axis (GaNDLF's slice axis), to test where slice attention looks.
 """
 
@@ -74,13 +75,14 @@ def write_dataset(
         image_path = directory / f"{subject}_image.nii.gz"
         _write(image, image_path)
         row = {"SubjectID": subject, "Channel_0": str(image_path)}
-        if task == "segmentation":
+        if task != "classification":
+            # Regression gets an all-ones Label: GaNDLF 0.1.5 samples its patches through a label map.
             label_path = directory / f"{subject}_label.nii.gz"
-            _write(mask, label_path)
+            _write(mask if task == "segmentation" else np.ones_like(mask), label_path)
             row["Label"] = str(label_path)
-        elif task == "classification":
+        if task == "classification":
             row["ValueToPredict"] = str(int(positive))
-        else:
+        elif task == "regression":
             row["ValueToPredict"] = f"{radius / min(shape):.4f}"
         rows.append(row)
     csv_path = directory / f"{task}.csv"
@@ -147,7 +149,7 @@ def make_config(
         "q_num_workers": 0,
         "q_verbose": False,
         "parallel_compute_command": "",
-        "data_preprocessing": {"normalize": None},
+        "data_preprocessing": {},  # GaNDLF applies any key present, even `normalize: null`
         "data_augmentation": {},
         # GaNDLF 0.1.5 validates classification/regression subjects without a Label column on its segmentation
         # path, whose saving step then crashes: save validation outputs for segmentation only.

@@ -38,7 +38,8 @@ def _regeometrise(csv_path: Path) -> list[dict[str, str]]:
 
 
 def _add_label_images(csv_path: Path) -> None:
-    """Adds a Label column of all-ones masks: GaNDLF 0.1.5 validates regression through a label sampler."""
+    """Rewrites the Label column as all-ones masks in each image's (re-geometrised) grid: GaNDLF 0.1.5 samples
+    regression patches through a label map, which must share the image's geometry."""
     import SimpleITK as sitk
 
     with open(csv_path) as handle:
@@ -90,10 +91,8 @@ def _check_geometry(path: Path, reference: str) -> np.ndarray:
 def test_classification_train_infer_explain(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", "classification", n_subjects=4, shape=(32, 32, 32), seed=0)
     rows = _regeometrise(data)
-    config = make_config(KEY, "classification", model_options={"encoder_depth": 3, "slice_chunk_size": 16})
-    # GaNDLF 0.1.5 validation of a classification CSV without a Label image column writes its predictions as a
-    # segmentation mask and fails (numpy AxisError); without save_output it takes the working path.
-    config["save_output"] = False
+    config = make_config(KEY, "classification", model_options={"pretrained": False, "encoder_depth": 3,
+                                                                  "slice_chunk_size": 16})
     config = write_config(config, tmp_path / "config.yaml")
     model_dir = tmp_path / "model"
     run_gandlf(config, data, model_dir, train=True)
@@ -124,7 +123,7 @@ def test_regression_all_views_with_resize_explained_in_input_geometry(tmp_path: 
     data = write_dataset(tmp_path / "data", "regression", n_subjects=3, shape=(32, 32, 32), seed=4)
     rows = _regeometrise(data)
     _add_label_images(data)
-    config = make_config(KEY, "regression", patch_size=(32, 32, 24), model_options={
+    config = make_config(KEY, "regression", patch_size=(32, 32, 24), model_options={"pretrained": False,
         "encoder_depth": 3, "slice_axis": "all", "pooling": "gated", "position_encoding": True})
     # GaNDLF resizes every image to 32 x 32 x 24: the explanation must be mapped back to 32 x 32 x 32
     config["data_preprocessing"] = {"normalize": None, "resize_image": [32, 32, 24]}
@@ -162,7 +161,8 @@ def test_explain_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
     from gandlf_dimlift.explain import ExplainError, explain
 
     data = write_dataset(tmp_path / "data", "classification", n_subjects=2, shape=(16, 16, 16))
-    config = write_config(make_config(KEY, "classification", patch_size=(16, 16, 16)), tmp_path / "config.yaml")
+    config = write_config(make_config(KEY, "classification", patch_size=(16, 16, 16),
+                                         model_options={"pretrained": False}), tmp_path / "config.yaml")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExplainError, match=r"No trained model in .*dimlift_slice_attention_best.pth.tar"):
         explain(config, tmp_path / "empty", data, tmp_path / "out")

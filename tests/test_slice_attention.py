@@ -25,6 +25,7 @@ def parameters(problem_type: str = "classification", dimension: int = 3, channel
         "final_layer": "softmax" if problem_type == "classification" else "none",
         "class_list": [0, 1],
         "encoder_depth": 3,
+        "pretrained": False,
         **options,
     }
     if problem_type == "regression":

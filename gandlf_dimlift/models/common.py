@@ -51,6 +51,11 @@ class ModelSpec:
         if dimension not in (2, 3):
             raise ConfigError(f"model.dimension must be 2 or 3, not {dimension}.")
         problem_type = parameters.get("problem_type")
+        if problem_type is None and "metrics" in parameters:
+            # No CSV read yet (e.g. OpenFL's `fx plan initialize`): infer it as GaNDLF does from the config.
+            from GANDLF.utils.parameter_processing import find_problem_type_from_parameters
+
+            problem_type = find_problem_type_from_parameters(parameters)
         if problem_type not in PROBLEM_TYPES:
             raise ConfigError(
                 f"parameters['problem_type'] is {problem_type!r}; expected one of {list(PROBLEM_TYPES)}. "

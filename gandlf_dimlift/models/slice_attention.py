@@ -217,6 +217,12 @@ class SliceAttentionClassifier(nn.Module):
         """Slice features `(n, F)` of 2D slices `(n, C, h, w)`, in chunks of `slice_chunk_size`."""
         # read the counter only when freezing is on: `bool(tensor)` synchronises with the GPU
         frozen = self.training and self.freeze_encoder_steps > 0 and self.encoder_frozen
+        if frozen and torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() > 1):
+            raise RuntimeError(
+                "freeze_encoder_steps > 0 leaves the encoder out of the backward pass, which GaNDLF's DDP strategy "
+                "(find_unused_parameters=False) cannot handle; set model.freeze_encoder_steps: 0 for multi-GPU runs."
+            )
         recompute = self.checkpointing and self.training and torch.is_grad_enabled() and not frozen
         chunks = slices.split(self.slice_chunk_size) if self.slice_chunk_size else (slices,)
         outputs = []
@@ -265,6 +271,7 @@ def make(spec: common.ModelSpec, options: dict[str, Any]) -> SliceAttentionClass
     return SliceAttentionClassifier(spec, **options)
 
 
+SMALL = {"pretrained": False, "encoder_depth": 3}  # the examples: random weights, a small encoder
 ARCHITECTURE = Architecture(
     key=KEY,
     summary="2D encoder on every slice, attention over slices (weights kept for explanations), linear head.",
@@ -273,8 +280,8 @@ ARCHITECTURE = Architecture(
         Option("encoder_name", "resnet18", "2D smp encoder applied to every slice.", check=weights.check_encoder_name),
         Option(
             "pretrained",
-            False,
-            "false, a weight tag such as 'imagenet', or a weights file of the 2D encoder.",
+            "imagenet",
+            "false, a weight tag of the encoder (e.g. imagenet), or a weights file of the 2D encoder.",
             types=(bool, str),
             check=weights.check_pretrained,
         ),
@@ -308,11 +315,11 @@ ARCHITECTURE = Architecture(
     dimensions=(3,),
     problem_types=("classification", "regression"),
     examples=(
-        Example("classification", 3, {"encoder_depth": 3, "pooling": "attention", "slice_chunk_size": 16}),
-        Example("regression", 3, {"encoder_depth": 3, "pooling": "gated", "slice_axis": "all",
+        Example("classification", 3, {**SMALL, "pooling": "attention", "slice_chunk_size": 16}),
+        Example("regression", 3, {**SMALL, "pooling": "gated", "slice_axis": "all",
                                   "position_encoding": True}, n_outputs=1),
-        Example("classification", 3, {"encoder_depth": 3, "pooling": "max", "slice_axis": "x"}),
-        Example("classification", 3, {"encoder_depth": 3, "pooling": "mean", "slice_axis": "y",
+        Example("classification", 3, {**SMALL, "pooling": "max", "slice_axis": "x"}),
+        Example("classification", 3, {**SMALL, "pooling": "mean", "slice_axis": "y",
                                       "checkpointing": True}, in_channels=2),
     ),
 )
