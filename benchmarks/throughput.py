@@ -111,8 +111,10 @@ def patch_of(size: int | str, dimension: int) -> tuple[int, ...]:
     return parts
 
 
-def size_label(size: int | str) -> str:
-    return f"{size}³" if isinstance(size, int) or str(size).isdigit() else str(size)
+def size_label(size: int | str, dimension: int = 3) -> str:
+    if isinstance(size, int) or str(size).isdigit():
+        return f"{size}{'³' if dimension == 3 else '²'}"
+    return str(size)
 
 
 def gandlf_parameters(row: Row, size: int | str, batch: int, num_epochs: int = 1) -> dict[str, Any]:
@@ -213,6 +215,9 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_mib())
 
 
+_MEASURED = 0  # models measured in this process
+
+
 def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
     """Builds the row's model through GaNDLF and measures it. Runs inside a fresh process."""
     import torch
@@ -222,9 +227,6 @@ def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, th
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     result: dict[str, Any] = {"name": row.name, "size": size, "batch": batch, "device": device}
-    if row.task == "classification":
-        # the classification patch is the whole volume; build at the size asked
-        pass
     parameters = gandlf_parameters(row, size, batch)
     check_registered(row.architecture)
     from GANDLF.models import get_model
@@ -250,31 +252,15 @@ def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, th
         loss_of(model(x)).backward()
         optimizer.step()
 
-    # FLOPs of one inference forward and of one training step (forward + backward)
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(x)
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    result["output_shape"] = list(out.shape)
-    expected = (batch, n_classes) + (patch_of(size, row.dimension) if row.task == "segmentation" else ())
-    if tuple(out.shape) != expected:
-        result["warning"] = f"output shape {tuple(out.shape)} != expected {expected}"
-    result["infer_flops"] = counter.get_total_flops()
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        loss_of(model(x)).backward()
-    result["train_flops"] = counter.get_total_flops()
-    optimizer.zero_grad(set_to_none=True)
-    del out
-    sync()
-
     base = _rss_mib()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated() / 2**20
     # inference first (the process peak only grows), then training
-    fresh = _maxrss_mib() <= base + 1.0  # nothing has used more memory in this process yet: ru_maxrss is exact
+    global _MEASURED
+    fresh = _MEASURED == 0  # the first model of this process: its RSS growth is its own, ru_maxrss is exact
+    _MEASURED += 1
     model.eval()
     times = []
     with torch.no_grad(), PeakRSS() as sampler:
@@ -308,6 +294,22 @@ def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, th
     else:
         peak = max(sampler.peak, _maxrss_mib()) if fresh else sampler.peak
         result["train_peak_mib"] = max(peak - base, 0.0)
+    # FLOPs of one inference forward and of one training step (forward + backward)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    result["output_shape"] = list(out.shape)
+    expected = (batch, n_classes) + (patch_of(size, row.dimension) if row.task == "segmentation" else ())
+    if tuple(out.shape) != expected:
+        result["warning"] = f"output shape {tuple(out.shape)} != expected {expected}"
+    result["infer_flops"] = counter.get_total_flops()
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model(x)).backward()
+    result["train_flops"] = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
+    del out
     result["isolated"] = fresh
     return result
 
@@ -424,12 +426,16 @@ def worker(specs: list[dict[str, Any]]) -> None:
     """The worker side of `run_worker`."""
     import gc
 
+    peak = None
     for index, spec in enumerate(specs):
         print(f"START {index}", flush=True)
         spec = dict(spec)
         row = Row(**spec.pop("row"))
         try:
+            if peak is None:  # the same process and moment as the rows: their shares compare like with like
+                peak = matmul_peak(spec["device"], spec.get("threads"), seconds=1.0)
             result = measure(row, **spec)
+            result["matmul_peak"] = peak
         except Exception as error:  # noqa: BLE001 - reported as the row's error
             message = " ".join(f"{type(error).__name__}: {error}".split())
             result = {"name": row.name, "size": spec["size"], "error": message[:400]}
@@ -463,21 +469,27 @@ def table(results: list[dict[str, Any]], peak: float, reference: str | None, row
         row = notes.get(r["name"])
         task = row.task if row else ""
         note = row.note if row else ""
+        dimension = row.dimension if row else 3
         if "error" in r:
             lines.append(f"| {r['name']} | {task} | {r['size']} | — | — | — | — | — | — | — | — | — | — | "
                          f"error: {r['error'].replace('|', '/')} |")
             continue
         rate = r["train_flops"] / r["train_s"] if r["train_s"] else None
+        row_peak = r.get("matmul_peak") or peak
+        if not r.get("isolated", True):  # other rows ran in this process before: its RSS peak is not this row's
+            r = {**r, "train_peak_mib": None, "infer_peak_mib": None}
         ref = refs.get(r["size"])
         t_ratio = r["train_s"] / ref["train_s"] if ref else None
-        m_ratio = r["train_peak_mib"] / ref["train_peak_mib"] if ref and ref["train_peak_mib"] > 0 else None
+        usable = ref and r["train_peak_mib"] is not None and ref.get("isolated", True) and ref["train_peak_mib"] > 0
+        m_ratio = r["train_peak_mib"] / ref["train_peak_mib"] if usable else None
         if r.get("warning"):
             note = f"{note}; {r['warning']}"
         lines.append(
-            f"| {r['name']} | {task} | {size_label(r['size'])} | {r['params'] / 1e6:.2f} M | {_fmt(r['train_s'], 3)} | "
+            f"| {r['name']} | {task} | {size_label(r['size'], dimension)} | {r['params'] / 1e6:.2f} M | "
+            f"{_fmt(r['train_s'], 3)} | "
             f"{_fmt(r['infer_s'], 3)} | {_fmt(r['train_peak_mib'], 0)} | {_fmt(r['infer_peak_mib'], 0)} | "
             f"{r['train_flops'] / 1e9:.1f} | {_fmt(rate / 1e12 if rate else None, 3)} | "
-            f"{_fmt(100 * rate / peak if rate else None, 1)} | {_fmt(t_ratio)} | {_fmt(m_ratio)} | {note} |"
+            f"{_fmt(100 * rate / row_peak if rate else None, 1)} | {_fmt(t_ratio)} | {_fmt(m_ratio)} | {note} |"
         )
     return "\n".join(lines)
 
@@ -495,14 +507,17 @@ def header(args: argparse.Namespace, peak: float, argv: Sequence[str]) -> str:
     if args.device == "cuda":
         memory = "CUDA max_memory_allocated"
     elif args.in_process:
-        memory = "peak RSS sampled every 2 ms, all rows in one process"
+        memory = ("peak RSS sampled every 2 ms, all rows in one process: only the first row of each process has a "
+                  "memory figure (later rows reuse memory freed by earlier ones); run without --in-process for memory")
     else:
         memory = "peak RSS of a fresh process per row"
     return (
         f"Command: `{command}`\n\n"
         f"Device: {args.device} ({machine}); torch {torch.__version__}; batch {args.batch}; "
         f"best of {args.repeats} timed steps after one warm-up; every row from random weights.\n\n"
-        f"Measured float32 matmul peak: {peak / 1e12:.3f} TFLOP/s. Train step = forward + backward + Adam step "
+        f"Measured float32 matmul peak: {peak / 1e12:.3f} TFLOP/s here (each measuring process re-measures it "
+        f"before its first row, and its rows' shares use that figure: on a loaded machine both move). "
+        f"Train step = forward + backward + Adam step "
         f"(FLOPs: forward + backward). Peak memory is the increase over the built model and batch "
         f"({memory}). "
         f"Ratios are against `{args.reference}` at the same size.\n"
@@ -529,6 +544,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--isolate", action="store_true", help="with --quick: still one fresh process per row")
     parser.add_argument("--quick", action="store_true", help="size 32, one timed step, rows measured in-process")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--render", default=None, metavar="JSON", help="print the table of an earlier --json file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -547,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         worker(json.loads(args.worker))
         return []
     rows = select_rows(args.rows)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        print(table(saved["results"], saved["peak_flops"], args.reference, ROWS))
+        return saved["results"]
     if args.list:
         for row in rows:
             print(f"{row.name:36s} {row.architecture:26s} {row.task:15s} {row.model}")
