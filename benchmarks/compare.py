@@ -744,6 +744,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         LOGGER.info("generating data into %s", data_dir)
         bdata.generate(data_dir, bdata.settings_from_args(args))
     meta_data = json.loads((data_dir / "dataset.json").read_text())
+    wanted = asdict(bdata.settings_from_args(args))
+    asked = {k: wanted[k] for k in ("n_subjects", "spacing", "seed") if getattr(args, k, None) is not None}
+    differ = {k: (v, meta_data[k]) for k, v in asked.items() if meta_data[k] != v}
+    if differ:
+        raise SystemExit(f"{data_dir} already holds a dataset with other settings (asked, found): {differ}; "
+                         "choose another --data directory or drop the data options.")
     shape = meta_data["shape"]
     if any(s < settings.patch for s in shape):
         raise SystemExit(f"--patch {settings.patch} is larger than the volume {shape}; choose --patch <= {min(shape)}")
