@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def main() -> None:
         import fcntl
 
         JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-        with open(JSON_PATH.with_suffix(".lock"), "w") as lock:
+        with open(Path(tempfile.gettempdir()) / "lift_compat_sweep.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {"results": []}
             new = {(r["encoder"], r["mode"]) for r in rows}
