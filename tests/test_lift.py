@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -367,7 +368,7 @@ def test_adapt_input_channels(lifted: bool) -> None:
     grey = torch.randn(shape)
     with torch.no_grad():
         ref = net(grey.repeat_interleave(3, 1))
-        one = adapt_input_channels(__import__("copy").deepcopy(net), 1)
+        one = adapt_input_channels(copy.deepcopy(net), 1)
         assert one[0].in_channels == 1 and torch.allclose(one(grey), ref, atol=1e-5)
         six = adapt_input_channels(net, 6)
         assert six[0].weight.shape[1] == 6 and torch.allclose(six(grey.repeat_interleave(6, 1)), ref, atol=1e-5)
