@@ -145,7 +145,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="cube side of the input volume")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     parser.add_argument("--channels", type=int, default=32, help="channels of the single conv layer")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.size, args.repeats, args.channels)
     print(f"\nforward+backward, input {args.size}^3, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "ratio = gandlf_dimlift / acsconv")
