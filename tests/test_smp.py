@@ -104,7 +104,8 @@ def test_imagenet_tag_without_network_or_cache_is_a_clear_error(tmp_path, monkey
         ({"decoder_channels": [16, 8]}, (32, 32, 32), "needs one width per encoder stage (3 integers"),
         ({"decoder_name": "fpn", "decoder_attention_type": "scse"}, (32, 32, 32), "decoder_attention_type is "
                                                                                   "supported by ['unet'"),
-        ({"decoder_name": "pan"}, (32, 32, 32), "smp's pan uses all 5 encoder stages; set 5"),
+        ({"decoder_name": "pan"}, (128, 128, 128), "smp's pan uses all 5 encoder stages; set 5"),
+        ({"decoder_name": "pan", "encoder_depth": 5}, (128, 128, 64), "too small for smp's pan"),
         ({"converter_type": "ACS3"}, (32, 32, 32), "choose one of ['acs', 'soft'"),
     ],
 )
@@ -131,3 +132,9 @@ def test_wrong_input_dimensions_are_a_clear_error():
     model = build(3, "classification")
     with pytest.raises(ValueError, match=r"expects input \(B, C, X, Y, Z\); got shape \(1, 1, 32, 32\)"):
         model(torch.randn(1, 1, 32, 32))
+
+
+def test_classification_needs_no_divisible_patch():
+    model = build(3, "classification", patch=(48, 64, 40), encoder_depth=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 48, 64, 40)).shape == (2, 2)

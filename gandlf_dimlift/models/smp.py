@@ -38,6 +38,7 @@ STAGE_CHANNEL_DECODERS = ("unet", "unetplusplus", "manet")  # decoder_channels: 
 WIDTH_ARGUMENT = {"fpn": "decoder_pyramid_channels", "pspnet": "psp_out_channels", "pan": "decoder_channels",
                   "deeplabv3": "decoder_channels", "deeplabv3plus": "decoder_channels"}
 ATTENTION_DECODERS = ("unet", "unetplusplus")
+PAN_MIN_SIZE = 128  # 16 (encoder output stride) x 8 (three 2x poolings in the attention block)
 FIXED_DEPTH_DECODERS = ("pan", "deeplabv3", "deeplabv3plus")  # smp builds these on all 5 encoder stages
 
 
@@ -174,9 +175,13 @@ def _load_file(model: SmpModel, source: weights.WeightsFile) -> None:
 
 def make(spec: ModelSpec, options: dict[str, Any]) -> SmpModel:
     depth = options["encoder_depth"]
-    check_divisible(spec.patch_size, (2**depth,) * spec.dimension, KEY, f"the encoder's total stride 2^{depth}")
-    if spec.problem_type == "segmentation" and options["decoder_name"] is None:
-        raise ConfigError(f"model.decoder_name is required for segmentation; choose one of {list(DECODERS)}.")
+    if spec.problem_type == "segmentation":  # the decoder concatenates skips: sizes must halve exactly
+        check_divisible(spec.patch_size, (2**depth,) * spec.dimension, KEY, f"the encoder's total stride 2^{depth}")
+        if options["decoder_name"] == "pan" and min(spec.patch_size) < PAN_MIN_SIZE:
+            raise ConfigError(
+                f"patch_size {list(spec.patch_size)} is too small for smp's pan: its feature pyramid attention pools "
+                f"the /16 features three times, so every axis needs at least {PAN_MIN_SIZE} voxels."
+            )
     pretrained = weights.parse_pretrained(options["pretrained"])
     source = weights.read_weights_file(pretrained) if isinstance(pretrained, Path) else None
     if source is not None:
