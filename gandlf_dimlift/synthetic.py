@@ -149,7 +149,9 @@ def make_config(
         "q_num_workers": 0,
         "q_verbose": False,
         "parallel_compute_command": "",
-        "data_preprocessing": {},  # GaNDLF applies any key present, even `normalize: null`
+        # z-score normalisation (GaNDLF applies a present key whatever its value). It also casts to float32:
+        # with no preprocessing at all, GaNDLF 0.1.5 feeds these float32 NIfTI files to the model as float64.
+        "data_preprocessing": {"normalize": None},
         "data_augmentation": {},
         # GaNDLF 0.1.5 validates classification/regression subjects without a Label column on its segmentation
         # path, whose saving step then crashes: save validation outputs for segmentation only.
