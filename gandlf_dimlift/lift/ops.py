@@ -111,6 +111,23 @@ class SameConv3d(nn.Conv3d):
         return F.conv3d(pad_or_crop(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+def mix_views(module: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Combines the per-view outputs of an ACS-family layer and adds its bias.
+
+    `acs`: the views are the three channel groups, concatenated; `mean`: the three full views averaged; `soft`:
+    mixed per channel by the softmax of `module.soft_w_core`.
+    """
+    if module.mode == "acs":
+        out = torch.cat(views, 1) if len(views) > 1 else views[0]
+    elif module.mode == "mean":
+        out = (views[0] + views[1] + views[2]) / 3
+    else:
+        w = module.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
+        out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
+    if module.bias is not None:
+        out = out + module.bias.view(1, -1, 1, 1, 1)
+    return out
+
 class ACSConv3d(nn.Module):
     """ACS convolution (``acs``), soft ACS (``soft``) and mean ACS (``mean``) over a 2D kernel.
 
@@ -243,17 +260,9 @@ class ACSConv3d(nn.Module):
         check_5d(x, type(self).__name__)
         if self.mode == "acs":
             views = [self._view(x, v) for v in range(3) if self.acs_kernel_split[v]]
-            out = torch.cat(views, 1) if len(views) > 1 else views[0]
         else:
             views = [self._view(x, v) for v in range(3)]
-            if self.mode == "mean":
-                out = (views[0] + views[1] + views[2]) / 3
-            else:
-                w = self.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
-                out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1, 1)
-        return out
+        return mix_views(self, views)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = (
@@ -466,17 +475,9 @@ class ACSConvTranspose3d(nn.Module):
         if self.mode == "acs":
             bounds = [0, *itertools.accumulate(self.acs_kernel_split)]
             views = [self._view(x, v, bounds[v], bounds[v + 1]) for v in range(3) if self.acs_kernel_split[v]]
-            out = torch.cat(views, 1) if len(views) > 1 else views[0]
         else:
             views = [self._view(x, v, 0, self.out_channels) for v in range(3)]
-            if self.mode == "mean":
-                out = (views[0] + views[1] + views[2]) / 3
-            else:
-                w = self.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
-                out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1, 1)
-        return out
+        return mix_views(self, views)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
