@@ -75,6 +75,7 @@ def test_representative_slice_still_lifts(encoder: str, mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("key", sorted(k for k, r in RESULTS.items() if r["status"] == "ok"))
 def test_every_encoder_that_lifted_still_lifts(key: tuple[str, str]) -> None:
     now = _rerun(*key, backward=False)
