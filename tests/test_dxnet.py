@@ -171,20 +171,24 @@ def test_inflate_depth_constant_volume_gives_the_2d_encoder_features():
         assert error <= 1e-4, f"level {level}: max error {error:.2e} (feature scale {f2.abs().max().item():.2e})"
 
 
+def assert_matches_2d_on_every_slice(model_2d, model_3d, slices: int) -> list[torch.Tensor]:
+    """A volume constant along the slice axis gives the 2D encoder features and output on every slice."""
+    image = torch.randn(1, 1, 64, 64)
+    volume = image[..., None].expand(1, 1, 64, 64, slices).contiguous()
+    with torch.no_grad():
+        features_2d, features_3d = model_2d.encoder(image), model_3d.encoder(volume)
+        out_2d, out_3d = model_2d(image), model_3d(volume)
+    for f2, f3 in zip(features_2d[1:], features_3d[1:], strict=True):
+        torch.testing.assert_close(f3, f2[..., None].expand_as(f3), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_3d, out_2d[..., None].expand_as(out_3d), rtol=1e-4, atol=1e-4)
+    return features_3d
+
+
 def test_replicate_slice_padding_gives_the_2d_encoder_features_on_every_slice():
     torch.manual_seed(1)
     model_2d, model_3d = _twins("inflate", slice_padding="replicate")
-    image = torch.randn(1, 1, 64, 64)
-    volume = image[..., None].expand(1, 1, 64, 64, 32).contiguous()
-    with torch.no_grad():
-        features_2d = model_2d.encoder(image)
-        features_3d = model_3d.encoder(volume)
-        out_2d = model_2d(image)
-        out_3d = model_3d(volume)
-    for f2, f3 in zip(features_2d[1:], features_3d[1:], strict=True):
-        torch.testing.assert_close(f3, f2[..., None].expand_as(f3), rtol=1e-4, atol=1e-4)
     # The decoder is inflated too: the whole network reproduces the 2D network on every slice.
-    torch.testing.assert_close(out_3d, out_2d[..., None].expand_as(out_3d), rtol=1e-4, atol=1e-4)
+    assert_matches_2d_on_every_slice(model_2d, model_3d, slices=32)
 
 
 def test_inflate_center_puts_the_2d_kernel_in_the_middle_plane():
@@ -225,17 +229,8 @@ def test_anisotropic_inflation_keeps_the_slice_axis_until_the_chosen_stage():
 def test_anisotropic_inflation_with_depth_constant_volume_still_matches_2d(family):
     torch.manual_seed(1)
     model_2d, model_3d = _twins("inflate", slice_stride_from_stage=4, slice_padding="replicate", encoder_family=family)
-    image = torch.randn(1, 1, 64, 64)
-    volume = image[..., None].expand(1, 1, 64, 64, 8).contiguous()
-    with torch.no_grad():
-        features_2d = model_2d.encoder(image)
-        features_3d = model_3d.encoder(volume)
-        out_2d = model_2d(image)
-        out_3d = model_3d(volume)
+    features_3d = assert_matches_2d_on_every_slice(model_2d, model_3d, slices=8)
     assert [f.shape[-1] for f in features_3d[1:]] == [8, 8, 8, 4, 2]
-    for f2, f3 in zip(features_2d[1:], features_3d[1:], strict=True):
-        torch.testing.assert_close(f3, f2[..., None].expand_as(f3), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out_3d, out_2d[..., None].expand_as(out_3d), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
