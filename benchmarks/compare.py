@@ -397,8 +397,9 @@ def train_and_test(row: Row, task: str, csvs: dict[str, Path], patch: Sequence[i
     """Trains and tests one row with `gandlf_run`; returns its result record (also saved as result.json)."""
     folder = work / task / safe(row.name)
     result_path = folder / "result.json"
-    config = make_config(row, patch, settings.batch, settings.epochs, settings.learning_rate,
-                         settings.samples_per_volume)
+    # detection patches are the whole volume: more than one sample per volume would repeat the same image
+    samples = settings.samples_per_volume if task == "segmentation" else 1
+    config = make_config(row, patch, settings.batch, settings.epochs, settings.learning_rate, samples)
     if reuse and result_path.exists():
         previous = json.loads(result_path.read_text())
         if previous.get("config") == config and "error" not in previous:

@@ -11,8 +11,9 @@ Rician-like noise and a gamma change (TorchIO transforms) on the T1 only. Two Ga
   (chosen by the seed) get an ellipsoid lesion of altered intensity at a random white-matter location, inserted
   before the intensity transforms. ``lesions.csv`` records for every subject which slices along the last axis
   (GaNDLF's slice axis, the axial one here) the lesion occupies, for scoring slice-level explanations. The
-  ``Label`` column points at the tissue map only because GaNDLF 0.1.5 needs a label image to validate
-  classification (without one it takes its segmentation path and fails).
+  ``Label`` column points at an all-ones ``sampling_mask.nii.gz`` only because GaNDLF 0.1.5 needs a label image
+  to validate classification (without one it takes its segmentation path and fails), and its label sampler needs
+  that image positive at the centre of a whole-volume patch.
 
 Splits are fixed from the seed and written as GaNDLF CSVs: ``<task>_train.csv``, ``<task>_validation.csv``,
 ``<task>_test.csv`` (pass ``-i train.csv,validation.csv`` to ``gandlf_run``). ``dataset.json`` records every
@@ -286,6 +287,7 @@ def generate(out_dir: str | Path, settings: DataSettings | None = None) -> Path:
             images[name] = array
         _write(images["t1"], affine, folder / "t1.nii.gz", np.float32)
         _write(tissue, affine, folder / "tissue.nii.gz", np.uint8)
+        _write(np.ones(shape, np.uint8), affine, folder / "sampling_mask.nii.gz", np.uint8)
         detection_image = folder / ("t1_lesion.nii.gz" if present else "t1.nii.gz")
         if present:
             _write(images["t1_lesion"], affine, detection_image, np.float32)
@@ -298,6 +300,7 @@ def generate(out_dir: str | Path, settings: DataSettings | None = None) -> Path:
                 "split": split,
                 "t1": str((folder / "t1.nii.gz").resolve()),
                 "tissue": str((folder / "tissue.nii.gz").resolve()),
+                "sampling_mask": str((folder / "sampling_mask.nii.gz").resolve()),
                 "detection_image": str(detection_image.resolve()),
                 "lesion": int(present),
                 "lesion_slices": ";".join(str(int(s)) for s in occupied),
@@ -316,9 +319,11 @@ def generate(out_dir: str | Path, settings: DataSettings | None = None) -> Path:
         with open(out / f"detection_{split}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             # GaNDLF 0.1.5 validates and tests classification subjects through its label-sampler path only when
-            # a Label image is present (without one it takes the segmentation path and fails): give the tissue map.
+            # a Label image is present (without one it takes the segmentation path and fails). That sampler draws
+            # whole-volume patches only where the label is positive at the volume's centre, so the tissue map
+            # (background there in some subjects) fails: give an all-ones mask.
             writer.writerow(["SubjectID", "Channel_0", "Label", "ValueToPredict"])
-            writer.writerows([[r["SubjectID"], r["detection_image"], r["tissue"], r["lesion"]] for r in rows])
+            writer.writerows([[r["SubjectID"], r["detection_image"], r["sampling_mask"], r["lesion"]] for r in rows])
     with open(out / "lesions.csv", "w", newline="") as handle:
         keys = ["SubjectID", "split", "lesion", "lesion_slices", "n_slices", "lesion_voxels"]
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")

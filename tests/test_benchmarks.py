@@ -43,6 +43,8 @@ def test_quick_data_generation(quick_data: Path) -> None:
     for row in _rows(quick_data / "detection_train.csv") + _rows(quick_data / "detection_test.csv"):
         info = lesions[row["SubjectID"]]
         assert int(row["ValueToPredict"]) == info["lesion"]
+        # GaNDLF's label sampler takes a whole-volume patch only where this image is positive at the centre
+        assert compare.read_image(row["Label"]).min() == 1
         if info["lesion"]:
             mask = compare.read_image(Path(row["Channel_0"]).with_name("lesion_mask.nii.gz"))
             occupied = np.flatnonzero(mask.any(axis=(0, 1))).tolist()
