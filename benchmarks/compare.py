@@ -39,11 +39,12 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,12 @@ class Settings:
 
     Attributes:
         epochs: Training epochs (the same for every row of a task).
+        detection_epochs: Training epochs of the detection rows (default: `epochs`).
         batch: Batch size.
         patch: Cubic segmentation patch size (detection uses the whole volume).
         samples_per_volume: Patches drawn per training volume and epoch (segmentation).
         learning_rate: Adam learning rate.
+        detection_learning_rate: Adam learning rate of the detection rows (default: `learning_rate`).
         timeout: Seconds allowed per gandlf_run call.
         target_dice: Validation Dice the transfer experiment counts epochs to.
         transfer_slices_every: Keep every n-th axial slice (with brain) for the 2D transfer data.
@@ -92,7 +95,15 @@ class Settings:
     target_dice: float = 0.6
     transfer_slices_every: int = 2
     max_memory_gib: float = 6.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    detection_epochs: int | None = None
+    detection_learning_rate: float | None = None
+
+    def budget(self, task: str) -> tuple[int, float]:
+        """(epochs, learning rate) of every row of `task`."""
+        if task == "segmentation":
+            return self.epochs, self.learning_rate
+        return (self.detection_epochs or self.epochs,
+                self.detection_learning_rate if self.detection_learning_rate is not None else self.learning_rate)
 
 
 QUICK_SETTINGS = {"epochs": 2, "batch": 2, "patch": 32, "samples_per_volume": 1, "timeout": 600,
@@ -139,6 +150,11 @@ def make_config(
         config["model"].setdefault("ignore_label_validation", 0)
     if task == "classification":
         config["metrics"] = ["accuracy", "auroc"]
+        # GaNDLF's `cel` is torch's CrossEntropyLoss on the model output, so a softmax final layer applies softmax
+        # twice, and once that saturates the gradient vanishes: in the first full run the slice attention row
+        # collapsed to one constant prediction that way. GaNDLF applies softmax itself to the probabilities it
+        # writes at inference.
+        config["model"]["final_layer"] = "logits"
     return config
 
 
@@ -399,26 +415,29 @@ def train_and_test(row: Row, task: str, csvs: dict[str, Path], patch: Sequence[i
     result_path = folder / "result.json"
     # detection patches are the whole volume: more than one sample per volume would repeat the same image
     samples = settings.samples_per_volume if task == "segmentation" else 1
-    config = make_config(row, patch, settings.batch, settings.epochs, settings.learning_rate, samples)
+    epochs, learning_rate = settings.budget(task)
+    config = make_config(row, patch, settings.batch, epochs, learning_rate, samples)
     if reuse and result_path.exists():
         previous = json.loads(result_path.read_text())
         if previous.get("config") == config and "error" not in previous:
             LOGGER.info("[%s] %s: reusing %s", task, row.name, result_path)
-            return previous
+            return {**previous, "reused": True}
     from gandlf_dimlift.synthetic import write_config
 
-    folder.mkdir(parents=True, exist_ok=True)
+    # a fresh folder: GaNDLF appends to the logs of an existing model folder and keeps its best checkpoint
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     model_dir = folder / "model"
     config_path = write_config(config, folder / "config.yaml")
     record: dict[str, Any] = {"name": row.name, "architecture": row.architecture, "task": task, "note": row.note,
-                              "config": config, "epochs": settings.epochs, "patch": list(patch)}
-    LOGGER.info("[%s] %s: training %d epochs", task, row.name, settings.epochs)
+                              "config": config, "epochs": epochs, "patch": list(patch)}
+    LOGGER.info("[%s] %s: training %d epochs", task, row.name, epochs)
     train = run_process([gandlf_run(), "-c", str(config_path), "-i", f"{csvs['train']},{csvs['validation']}",
                          "-t", "True", "-m", str(model_dir), "-rt", "True"], folder / "train.log", settings.timeout,
                         settings.max_memory_gib)
     record.update(train_wall_s=train.wall_s, peak_mib=train.peak_mib)
     minutes = training_minutes(train.log)
-    record["epoch_s"] = (minutes * 60 if minutes is not None else train.wall_s) / settings.epochs
+    record["epoch_s"] = (minutes * 60 if minutes is not None else train.wall_s) / epochs
     record["train_log"] = read_log_csv(model_dir / "logs_training.csv")
     record["validation_log"] = read_log_csv(model_dir / "logs_validation.csv")
     if train.returncode != 0 or not list(model_dir.glob("*_best.pth.tar")):
@@ -545,25 +564,26 @@ def estimate(throughput_json: Path, settings: Settings, data: dict[str, Any], se
     lines = ["| row | size | step s | infer s | steps / epoch | forward passes / epoch | estimated min |",
              "|---|---|---|---|---|---|---|"]
     total = 0.0
+    epochs, detection_epochs = settings.budget("segmentation")[0], settings.budget("detection")[0]
     plan = [(name, str(settings.patch), int(np.ceil(n["train"] * settings.samples_per_volume / settings.batch)),
-             n["validation"] * grid / settings.batch, n["test"] * grid / settings.batch) for name in seg_rows]
+             n["validation"] * grid / settings.batch, n["test"] * grid / settings.batch, epochs) for name in seg_rows]
     plan += [(name, volume, int(np.ceil(n["train"] / settings.batch)), n["validation"] / settings.batch,
-              n["test"] / settings.batch) for name in det_rows]
+              n["test"] / settings.batch, detection_epochs) for name in det_rows]
     if transfer:
         seg_steps = int(np.ceil(n["train"] * settings.samples_per_volume / settings.batch))
         dxnet = ("dimlift_dxnet/b0", str(settings.patch), seg_steps, n["validation"] * grid / settings.batch,
-                 n["test"] * grid / settings.batch)
+                 n["test"] * grid / settings.batch, epochs)
         slices = n["train"] * shape[2] * 0.8 / settings.transfer_slices_every  # about 80 % of slices hold brain
         plan += [dxnet] if "dimlift_dxnet/b0" not in seg_rows else []  # the random-initialisation arm
         plan += [(TRANSFER_2D.name, str(settings.patch), int(np.ceil(slices / settings.batch)),
-                  n["validation"] / n["train"] * slices / settings.batch, 0.0), dxnet]
-    for name, size, steps, val_passes, test_passes in plan:
+                  n["validation"] / n["train"] * slices / settings.batch, 0.0, epochs), dxnet]
+    for name, size, steps, val_passes, test_passes, row_epochs in plan:
         key = (name, size if not size.isdigit() else str(int(size)))
         record = timing.get(key)
         if record is None:
             lines.append(f"| {name} | {size} | — | — | {steps} | {val_passes:.0f} | not measured |")
             continue
-        seconds = (settings.epochs * (steps * record["train_s"] + val_passes * record["infer_s"])
+        seconds = (row_epochs * (steps * record["train_s"] + val_passes * record["infer_s"])
                    + test_passes * record["infer_s"] + 2 * overhead_s)
         total += seconds
         lines.append(f"| {name} | {size} | {record['train_s']:.2f} | {record['infer_s']:.2f} | {steps} | "
@@ -609,14 +629,14 @@ def report(meta: dict[str, Any], results: dict[str, Any], out: Path, quick: bool
     stem = out.stem
     lines = [f"# Benchmark results{' (QUICK smoke run: tiny data, 2 epochs; not evidence)' if quick else ''}", "",
              f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['machine']}; wall time {meta['wall_min']:.1f} min; finished {meta['finished']}.", "",
+             f"Machine: {meta['machine']}; {wall_time(meta, results)}; finished {meta['finished']}.", "",
              f"Data: {meta['data']['n_subjects']} subjects deformed from the MNI152 2009 template, spacing "
              f"{meta['data']['spacing']} mm, shape {meta['data']['shape']}, seed {meta['data']['seed']}; splits "
              f"train/validation/test = {meta['splits']}. Every row starts from random weights (no model hub here).",
              "",
              f"Budget per row: {meta['settings']['epochs']} epochs, batch {meta['settings']['batch']}, Adam lr "
              f"{meta['settings']['learning_rate']}; segmentation patches {meta['settings']['patch']}³ "
-             f"({meta['settings']['samples_per_volume']} per volume and epoch), detection on the whole volume.", ""]
+             f"({meta['settings']['samples_per_volume']} per volume and epoch)" + detection_budget(meta) + ".", ""]
     seg = results.get("segmentation", [])
     if seg:
         lines += ["## Tissue segmentation (test split)", "",
@@ -679,6 +699,28 @@ def report(meta: dict[str, Any], results: dict[str, Any], out: Path, quick: bool
     return text
 
 
+def wall_time(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    """This invocation's wall time, and the gandlf_run time of every row (rows reused from --work included)."""
+    transfer = results.get("transfer") or {}
+    records = [*results.get("segmentation", []), *results.get("detection", []),
+               *(transfer[k] for k in ("2d", "from_2d") if k in transfer)]
+    summed = sum(r.get("train_wall_s", 0) + r.get("infer_wall_s", 0) for r in records) / 60
+    reused = sum(1 for r in records if r.get("reused"))
+    text = f"wall time {meta['wall_min']:.1f} min"
+    if reused:
+        text += f" ({reused} rows reused from an earlier invocation in the same --work)"
+    return text + f"; training + testing time summed over every row {summed:.1f} min"
+
+
+def detection_budget(meta: dict[str, Any]) -> str:
+    """How the detection rows' budget differs from the segmentation rows' (for the report's budget line)."""
+    settings = Settings(**{k: v for k, v in meta["settings"].items() if k in Settings.__dataclass_fields__})
+    (epochs, lr), (det_epochs, det_lr) = settings.budget("segmentation"), settings.budget("detection")
+    differ = ([f"{det_epochs} epochs"] if det_epochs != epochs else []) + ([f"lr {det_lr}"] if det_lr != lr else [])
+    return ("; detection on the whole volume, " + ", ".join(differ + ["final_layer logits (GaNDLF's cel is "
+            "cross-entropy on the model output)"]))
+
+
 def _params(record: dict[str, Any]) -> str:
     return f"{record['params'] / 1e6:.2f} M" if record.get("params") else "—"
 
@@ -702,6 +744,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=None, help="cubic segmentation patch (32)")
     parser.add_argument("--samples-per-volume", type=int, default=None, help="segmentation patches per volume (4)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (1e-3)")
+    parser.add_argument("--detection-epochs", type=int, default=None, help="epochs of the detection rows (--epochs)")
+    parser.add_argument("--detection-lr", type=float, default=None, help="learning rate of the detection rows (--lr)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per gandlf_run call (3600)")
     parser.add_argument("--max-memory-gib", type=float, default=None,
                         help="kill a gandlf_run whose process tree exceeds this much RAM (6)")
@@ -726,7 +770,8 @@ def settings_of(args: argparse.Namespace) -> Settings:
     for key, arg in (("epochs", "epochs"), ("batch", "batch"), ("patch", "patch"),
                      ("samples_per_volume", "samples_per_volume"), ("learning_rate", "lr"), ("timeout", "timeout"),
                      ("target_dice", "target_dice"), ("max_memory_gib", "max_memory_gib"),
-                     ("transfer_slices_every", "transfer_slices_every")):
+                     ("transfer_slices_every", "transfer_slices_every"), ("detection_epochs", "detection_epochs"),
+                     ("detection_learning_rate", "detection_lr")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
     return Settings(**values)

@@ -170,11 +170,23 @@ def test_estimate_from_measured_steps(tmp_path: Path) -> None:
     (tmp_path / "t.json").write_text(json.dumps(measured))
     meta = {"shape": [48, 64, 48], "splits": {"train": list(range(14)), "validation": list(range(5)),
                                               "test": list(range(5))}}
-    settings = compare.Settings(epochs=4, batch=2, patch=32, samples_per_volume=1)
+    settings = compare.Settings(epochs=4, batch=2, patch=32, samples_per_volume=1, detection_epochs=6)
     text, total = compare.estimate(tmp_path / "t.json", settings, meta, ["resunet"], ["resnet18", "densenet121"],
                                    transfer=False, overhead_s=10.0)
     # resunet: 4 epochs x (7 steps x 2 s + 5 volumes x 8 patches / 2 x 0.5 s) + 20 test passes x 0.5 s + 2 x 10 s
     seg = 4 * (7 * 2.0 + 20 * 0.5) + 20 * 0.5 + 20.0
-    det = 4 * (7 * 3.0 + 2.5 * 1.0) + 2.5 * 1.0 + 20.0
+    det = 6 * (7 * 3.0 + 2.5 * 1.0) + 2.5 * 1.0 + 20.0
     assert total == pytest.approx(seg + det)
     assert "| densenet121 | 48x64x48 | — | — | 7 | 2 | not measured |" in text
+
+
+def test_detection_budget_and_logits() -> None:
+    settings = compare.Settings(epochs=4, learning_rate=1e-3, detection_epochs=9, detection_learning_rate=1e-4)
+    assert settings.budget("segmentation") == (4, 1e-3) and settings.budget("detection") == (9, 1e-4)
+    assert compare.Settings(epochs=4).budget("detection") == (4, 1e-3)
+    row = compare.row_by_name("dimlift_slice_attention/attention")
+    config = compare.make_config(row, (32, 32, 32), num_epochs=9, learning_rate=1e-4)
+    # GaNDLF's cel is cross-entropy on the model output: a softmax final layer would apply softmax twice
+    assert config["model"]["final_layer"] == "logits" and config["loss_function"] == "cel"
+    assert (config["num_epochs"], config["learning_rate"]) == (9, 1e-4)
+
