@@ -99,8 +99,8 @@ class Settings:
     detection_learning_rate: float | None = None
 
     def budget(self, task: str) -> tuple[int, float]:
-        """(epochs, learning rate) of every row of `task`."""
-        if task == "segmentation":
+        """(epochs, learning rate) of every row of `task` (the transfer rows have the segmentation budget)."""
+        if task != "detection":
             return self.epochs, self.learning_rate
         return (self.detection_epochs or self.epochs,
                 self.detection_learning_rate if self.detection_learning_rate is not None else self.learning_rate)
@@ -528,7 +528,9 @@ def transfer_experiment(data_dir: Path, csvs: dict[str, Path], settings: Setting
         return out
     lifted = Row(TRANSFER_FROM_2D, base.architecture, "segmentation", {**base.model, "pretrained": str(checkpoint)},
                  "DX-Net B0 initialised from the 2D Omnia-Net")
-    out["from_2d"] = train_and_test(lifted, "segmentation", csvs, patch3d, settings, work, reuse, data_dir)
+    # its config names the same checkpoint path whatever the 2D run that wrote it: reuse it only with that run
+    out["from_2d"] = train_and_test(lifted, "segmentation", csvs, patch3d, settings, work,
+                                    reuse and bool(two_d.get("reused")), data_dir)
     return out
 
 
