@@ -183,6 +183,7 @@ def test_estimate_from_measured_steps(tmp_path: Path) -> None:
 def test_detection_budget_and_logits() -> None:
     settings = compare.Settings(epochs=4, learning_rate=1e-3, detection_epochs=9, detection_learning_rate=1e-4)
     assert settings.budget("segmentation") == (4, 1e-3) and settings.budget("detection") == (9, 1e-4)
+    assert settings.budget("transfer") == (4, 1e-3)  # the 2D transfer source is a segmentation row
     assert compare.Settings(epochs=4).budget("detection") == (4, 1e-3)
     row = compare.row_by_name("dimlift_slice_attention/attention")
     config = compare.make_config(row, (32, 32, 32), num_epochs=9, learning_rate=1e-4)
@@ -190,3 +191,21 @@ def test_detection_budget_and_logits() -> None:
     assert config["model"]["final_layer"] == "logits" and config["loss_function"] == "cel"
     assert (config["num_epochs"], config["learning_rate"]) == (9, 1e-4)
 
+
+
+def test_committed_full_results_cover_every_row() -> None:
+    """benchmarks/RESULTS.md is the full run (not --quick), and it reports every default row and experiment."""
+    results = Path(compare.__file__).with_name("RESULTS.md")
+    text = results.read_text()
+    command = text.split("Command: `", 1)[1].split("`", 1)[0]
+    assert command.startswith("python -m benchmarks.compare") and "--quick" not in command
+    reported = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
+    expected = {*compare.SEGMENTATION_ROWS, *compare.DETECTION_ROWS, compare.TRANSFER_FROM_2D}
+    assert expected <= reported, f"rows missing from {results.name}: {sorted(expected - reported)}"
+    for heading in ("## Tissue segmentation", "## Lesion detection", "## Explanation score", "## Dimensional transfer"):
+        assert heading in text
+    for image in ("segmentation", "detection", "transfer"):
+        assert (results.parent / f"RESULTS_{image}.png").stat().st_size > 0
+    # the README's reproduction command is the one that wrote the file
+    readme = " ".join(Path(compare.__file__).parents[1].joinpath("README.md").read_text().replace("\\\n", " ").split())
+    assert " ".join(command.split()) in readme
