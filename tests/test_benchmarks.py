@@ -192,7 +192,6 @@ def test_detection_budget_and_logits() -> None:
     assert (config["num_epochs"], config["learning_rate"]) == (9, 1e-4)
 
 
-
 def test_committed_full_results_cover_every_row() -> None:
     """benchmarks/RESULTS.md is the full run (not --quick), and it reports every default row and experiment."""
     results = Path(compare.__file__).with_name("RESULTS.md")
