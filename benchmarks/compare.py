@@ -413,7 +413,8 @@ def train_and_test(row: Row, task: str, csvs: dict[str, Path], patch: Sequence[i
     """Trains and tests one row with `gandlf_run`; returns its result record (also saved as result.json)."""
     folder = work / task / safe(row.name)
     result_path = folder / "result.json"
-    # detection patches are the whole volume: more than one sample per volume would repeat the same image
+    # one sample per volume for detection (the patch is the whole volume: more would repeat it) and for the 2D
+    # transfer source (one 32² patch per slice)
     samples = settings.samples_per_volume if task == "segmentation" else 1
     epochs, learning_rate = settings.budget(task)
     config = make_config(row, patch, settings.batch, epochs, learning_rate, samples)
