@@ -717,7 +717,7 @@ def wall_time(meta: dict[str, Any], results: dict[str, Any]) -> str:
 
 def detection_budget(meta: dict[str, Any]) -> str:
     """How the detection rows' budget differs from the segmentation rows' (for the report's budget line)."""
-    settings = Settings(**{k: v for k, v in meta["settings"].items() if k in Settings.__dataclass_fields__})
+    settings = Settings(**meta["settings"])
     (epochs, lr), (det_epochs, det_lr) = settings.budget("segmentation"), settings.budget("detection")
     differ = ([f"{det_epochs} epochs"] if det_epochs != epochs else []) + ([f"lr {det_lr}"] if det_lr != lr else [])
     return ("; detection on the whole volume, " + ", ".join(differ + ["final_layer logits (GaNDLF's cel is "
