@@ -15,7 +15,7 @@ HUB_HOST = ("download.pytorch.org", 443)
 
 def command_list(args: argparse.Namespace) -> int:
     """Prints every plugin architecture of the `gandlf.models` group with its declared options."""
-    from gandlf_dimlift.options import Architecture
+    from gandlf_dimlift.models.builder import Architecture
     from gandlf_dimlift.registry import failures, load_entries
 
     for entry in sorted(load_entries(), key=lambda e: e.key):

@@ -9,7 +9,7 @@ different model than the user wrote: a key close to a declared option is an erro
 from __future__ import annotations
 
 import difflib
-import warnings
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +28,11 @@ GANDLF_MODEL_KEYS = frozenset(
 )
 
 
+logger = logging.getLogger(__name__)
+
+
 class ConfigError(ValueError):
     """A `model:` option is misspelt or has a value the architecture cannot use."""
-
-
-class ConfigWarning(UserWarning):
-    """An unknown `model:` key that GaNDLF would silently ignore."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,9 @@ class Option:
         types: Accepted Python types; inferred from the default when empty.
         choices: Allowed values, or empty for any value of the accepted types.
         check: Optional extra validation; returns an error message, or None when the value is fine.
+        dimensions: The model dimensions in which the option has an effect; setting it in another is an error.
+        problem_types: The problem types in which the option has an effect; setting it in another is a warning
+            (a config moved between tasks keeps keys that no longer matter).
     """
 
     name: str
@@ -55,6 +57,8 @@ class Option:
     types: tuple[type, ...] = ()
     choices: tuple[Any, ...] = ()
     check: Callable[[Any], str | None] | None = None
+    dimensions: tuple[int, ...] = (2, 3)
+    problem_types: tuple[str, ...] = PROBLEM_TYPES
 
     def accepted_types(self) -> tuple[type, ...]:
         if self.types:
@@ -102,65 +106,3 @@ class Example:
     patch_size: tuple[int, ...] = (32, 32, 32)
     in_channels: int = 1
     n_outputs: int = 2
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A plugin architecture: what the `gandlf.models` entry point of a `dimlift_*` key refers to.
-
-    GaNDLF builds models as `global_models_dict[key](parameters=params)`, so an instance is itself the builder.
-
-    Attributes:
-        key: Architecture key as written in the config.
-        summary: One line for `gandlf-dimlift list`.
-        make: `make(spec, options) -> nn.Module`, given the parsed GaNDLF contract and the validated options.
-        options: The declared `model:` options.
-        dimensions: Supported `model.dimension` values.
-        problem_types: Supported GaNDLF problem types.
-        examples: Small configurations for the generic test.
-    """
-
-    key: str
-    summary: str
-    make: Callable[..., Any]
-    options: tuple[Option, ...] = ()
-    dimensions: tuple[int, ...] = (2, 3)
-    problem_types: tuple[str, ...] = PROBLEM_TYPES
-    examples: tuple[Example, ...] = ()
-
-    def resolve(self, model_section: Mapping[str, Any]) -> dict[str, Any]:
-        """Validates a `model:` section against the declared options and returns every option's value."""
-        declared = {o.name: o for o in self.options}
-        for key in model_section:
-            if key in declared or key in GANDLF_MODEL_KEYS:
-                continue
-            near = difflib.get_close_matches(key, list(declared), n=1, cutoff=0.75)
-            if near:
-                raise ConfigError(
-                    f"model.{key} is not an option of {self.key}; did you mean model.{near[0]}? "
-                    f"Options of {self.key}: {sorted(declared)}."
-                )
-            warnings.warn(
-                f"model.{key} is neither a GaNDLF key nor an option of {self.key}; it is ignored.",
-                ConfigWarning,
-                stacklevel=3,
-            )
-        return {
-            name: option.validate(model_section[name], self.key) if name in model_section else option.default
-            for name, option in declared.items()
-        }
-
-    def __call__(self, parameters: dict) -> Any:
-        from gandlf_dimlift.models.common import ModelSpec
-
-        spec = ModelSpec.from_parameters(parameters)
-        if spec.dimension not in self.dimensions:
-            raise ConfigError(
-                f"{self.key} supports model.dimension in {list(self.dimensions)}, not {spec.dimension}."
-            )
-        if spec.problem_type not in self.problem_types:
-            raise ConfigError(
-                f"{self.key} supports {list(self.problem_types)} problems, not {spec.problem_type}; "
-                "GaNDLF infers the problem type from the CSV (a ValueToPredict column) and final_layer."
-            )
-        return self.make(spec, self.resolve(parameters["model"]))

@@ -9,6 +9,8 @@ pydantic models that froze the list of valid names, so the new keys validate.
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import logging
 import sys
 import warnings
@@ -133,25 +135,59 @@ def registered() -> dict[str, Entry]:
     return dict(_inserted)
 
 
-def refresh_gandlf_configuration() -> None:
-    """Makes GaNDLF's frozen architecture Literal include every key of `global_models_dict`.
+CONFIG_MODULE = "GANDLF.configuration.model_config"
 
-    `GANDLF.configuration.model_config` builds `Literal[tuple(global_models_dict)]` once, at import. If it was
-    imported before `register()`, rebuild the pydantic models whose schemas embed that Literal.
+
+def suggest_architecture(value: Any) -> Any:
+    """Pydantic validator in front of GaNDLF's architecture Literal: a near miss gets a suggestion.
+
+    GaNDLF validates `model.architecture` against the exact keys before lowercasing it, so `dimlift_SMP` or
+    `dimlift-smp` would only get the list of ~70 names.
     """
-    module = sys.modules.get("GANDLF.configuration.model_config")
-    if module is None or not hasattr(module, "ModelConfig"):
-        return  # not imported yet, or still importing: it will read the updated dictionary
-    from typing import Literal
+    from GANDLF.models import global_models_dict
+
+    if not isinstance(value, str) or value in global_models_dict:
+        return value
+    normal = value.strip().lower().replace("-", "_").replace(" ", "_")
+    near = normal if normal in global_models_dict else next(
+        iter(difflib.get_close_matches(normal, list(global_models_dict), n=1, cutoff=0.75)), None)
+    if near is None:
+        return value  # the Literal's own error lists every valid name
+    raise ValueError(
+        f"model.architecture = {value!r} is not a GaNDLF architecture; did you mean {near!r}? "
+        "(`gandlf-dimlift list` shows the plugin's architectures)"
+    )
+
+
+def refresh_gandlf_configuration() -> None:
+    """Makes GaNDLF's frozen architecture Literal include every key of `global_models_dict`, with suggestions.
+
+    `GANDLF.configuration.model_config` builds `Literal[tuple(global_models_dict)]` once, at import. It is imported
+    here when it is not yet (every GaNDLF entry point imports it next anyway), then the pydantic models whose
+    schemas embed that Literal are rebuilt with `suggest_architecture` in front of it.
+    """
+    from typing import Annotated, Literal
 
     from GANDLF.models import global_models_dict
-    from pydantic import BaseModel
+    from pydantic import BaseModel, BeforeValidator
 
-    options = Literal[tuple(global_models_dict.keys())]
-    if getattr(module, "ARCHITECTURE_OPTIONS", None) == options:
+    if CONFIG_MODULE not in sys.modules:
+        try:
+            importlib.import_module(CONFIG_MODULE)
+        except Exception as error:  # noqa: BLE001 - GaNDLF's own import will report it
+            logger.debug("Could not import %s: %s", CONFIG_MODULE, error)
+            return
+    module = sys.modules.get(CONFIG_MODULE)
+    if module is None or not hasattr(module, "ModelConfig"):
+        return  # still importing (it imported GANDLF.models): it will read the updated dictionary
+    keys = tuple(global_models_dict)
+    if getattr(module, "DIMLIFT_ARCHITECTURE_KEYS", None) == keys:
         return
+    options = Literal[keys]
     module.ARCHITECTURE_OPTIONS = options
-    module.ModelConfig.model_fields["architecture"].annotation = options
+    module.DIMLIFT_ARCHITECTURE_KEYS = keys
+    module.ModelConfig.model_fields["architecture"].annotation = Annotated[options, BeforeValidator(
+        suggest_architecture)]
     module.ModelConfig.model_rebuild(force=True)
     # Every other configuration model that may embed ModelConfig, parents before children.
     models = {

@@ -7,6 +7,7 @@ provide it; nothing here ever falls back to random weights.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from gandlf_dimlift.options import ConfigError
+
+logger = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("false", "none", "no", "")
 
@@ -194,3 +197,184 @@ def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source
             f"shape: {details}). Check that the file comes from the same architecture and options."
         )
     module.load_state_dict({k: state_dict[prefix + k] for k in own})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One loader for every weights file a `pretrained:` option may name.
+
+
+def _strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DistributedDataParallel saves every key under `module.`; the models never have that prefix."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def kernel_dimension(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """2 or 3 from the rank of the convolution kernels (4 or 5), None when the file holds none.
+
+    A GaNDLF checkpoint's `model.dimension` is not the answer: a 3D slice attention model has 2D kernels.
+    """
+    ranks = {v.dim() for k, v in state_dict.items() if k.endswith("weight") and v.dim() in (4, 5)}
+    return max(ranks) - 2 if ranks else None
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a `pretrained:` option asks for: nothing (random), a weight tag, or a file with its weights.
+
+    Attributes:
+        tag: A weight tag such as 'imagenet', loaded by the encoder's own library; None otherwise.
+        file: The weights file, read tensors-only; None otherwise.
+        dimension: 2 or 3: the dimension of the GaNDLF run that wrote the file, else that of its kernels' rank. A
+            2D file is loaded into the 2D network before lifting, a 3D one into the lifted model.
+    """
+
+    tag: str | None = None
+    file: WeightsFile | None = None
+    dimension: int | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "model.pretrained") -> Source:
+        choice = parse_pretrained(value)
+        if not isinstance(choice, Path):
+            return cls(tag=choice)
+        file = read_weights_file(choice)
+        file = WeightsFile(file.path, _strip_ddp_prefix(file.state_dict), file.architecture, file.dimension)
+        kernels = kernel_dimension(file.state_dict)
+        if kernels is None:
+            raise ConfigError(f"{where} = {str(choice)!r}: the file holds no convolution kernel to load.")
+        # ACS layers keep 2D-shaped kernels in a 3D model: the run's own dimension decides when it is known.
+        return cls(file=file, dimension=file.dimension or kernels)
+
+    def describe(self) -> str:
+        """The file, and what wrote it when it is a GaNDLF checkpoint."""
+        if self.file is None:
+            return repr(self.tag)
+        what = f"a {self.file.architecture} checkpoint" if self.file.architecture else "a state dict"
+        return f"{self.file.path} ({what}, {self.dimension}D)"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Where a model's weights live, for loading files that hold all of it or only its encoder.
+
+    Attributes:
+        encoder: Path of the encoder module; a file must fit it at least.
+        body: Paths of the rest of the network (decoder, pooling), loaded with the encoder when the file has them.
+        head: Paths of the output layers, loaded when their shapes fit (another class count starts them random).
+        hint: The options a file must share with the config, for the message when it does not fit.
+    """
+
+    encoder: str
+    body: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
+    hint: str = "the same architecture options and num_channels"
+
+
+def _find_prefix(keys: list[str], state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The prefix under which `state_dict` holds most keys of `keys` (e.g. 'net.encoder.'), the shortest of
+    equals; None when it holds none of them under any prefix that ends at a key boundary."""
+    candidates = {k[: len(k) - len(key)] for key in keys[:3] for k in state_dict
+                  if k.endswith(key) and (len(k) == len(key) or k[len(k) - len(key) - 1] == ".")}
+    if not candidates:
+        return None
+    return max(sorted(candidates, key=len), key=lambda p: sum(p + k in state_dict for k in keys))
+
+
+def _fit(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], prefix: str,
+         adapt_first_conv: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of `own` taken from `state_dict[prefix + key]`, and the keys that are missing or of another
+    shape. With `adapt_first_conv`, the first kernel may differ in its input channels (an RGB encoder for grey or
+    multi-channel input): it is adapted as smp and timm do (summed for one channel, else cycled and rescaled)."""
+    fitted, problems = {}, []
+    first_kernel = next((k for k, v in own.items() if k.endswith("weight") and v.dim() in (4, 5)), None)
+    for key, tensor in own.items():
+        theirs = state_dict.get(prefix + key)
+        if theirs is None:
+            problems.append(f"missing {prefix + key}")
+        elif theirs.shape == tensor.shape:
+            fitted[key] = theirs
+        elif adapt_first_conv and key == first_kernel and theirs.shape[2:] == tensor.shape[2:] and (
+                theirs.shape[0] == tensor.shape[0]):
+            fitted[key] = adapt_channels(theirs, tensor.shape[1])
+        else:
+            problems.append(f"{prefix + key}: file {tuple(theirs.shape)} vs model {tuple(tensor.shape)}")
+    return fitted, problems
+
+
+def adapt_channels(kernel: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-convolution kernel for `in_channels` inputs: one channel gets the sum of the existing kernels, N
+    channels the existing kernels repeated cyclically and scaled by C_old / N (smp's and timm's convention), so a
+    grey image replicated on every channel gives the original response."""
+    if in_channels == 1:
+        return kernel.sum(1, keepdim=True)
+    index = torch.arange(in_channels, device=kernel.device) % kernel.shape[1]
+    return kernel.index_select(1, index) * (kernel.shape[1] / in_channels)
+
+
+def _load(model: nn.Module, state_dict: dict[str, torch.Tensor], bases: dict[str, str],
+          adapt_first_conv: bool = False) -> list[str]:
+    """Loads the submodules `bases` names (path -> prefix of their tensors in the file) when all of them fit;
+    returns the problems otherwise (and loads nothing)."""
+    fitted, problems = {}, []
+    for path, prefix in bases.items():
+        own = model.get_submodule(path).state_dict()
+        part, bad = _fit(own, state_dict, prefix, adapt_first_conv)
+        fitted.update({f"{path}.{k}": v for k, v in part.items()})
+        problems += bad
+    if not problems:
+        model.load_state_dict(fitted, strict=False)
+    return problems
+
+
+def transfer(model: nn.Module, source: Source, parts: Parts, architecture: str, accepts: str = "") -> str:
+    """Loads a weights file into `model`: every tensor when the whole model fits, else the encoder, with the rest
+    of the network when the file holds it. Returns what was loaded, in words.
+
+    Raises:
+        ConfigError: Nothing in the file fits the encoder (a file of another kind of network).
+        WeightsError: The file holds the encoder's or the network's tensors, but of other shapes.
+    """
+    state, where = source.file.state_dict, source.describe()
+    whole, problems = _fit(model.state_dict(), state, "")
+    if not problems:
+        model.load_state_dict(whole)
+        return "the whole model"
+    prefix = _find_prefix(list(model.get_submodule(parts.encoder).state_dict()), state)
+    if prefix is None:
+        kind = f"a checkpoint of architecture {source.file.architecture!r}" if source.file.architecture else (
+            "a state dict")
+        raise ConfigError(
+            f"model.pretrained = {str(source.file.path)!r} is {kind} whose weights fit neither the whole "
+            f"{architecture} model nor its encoder (first missing: {problems[0]}). model.pretrained of "
+            f"{architecture} takes {accepts or 'a weights file of the same network or of its encoder'}"
+        )
+    hint = f" The file must come from a run with {parts.hint}."
+
+    def fail(what: str, problems: list[str]) -> WeightsError:
+        shown = "; ".join(problems[:5]) + ("..." if len(problems) > 5 else "")
+        return WeightsError(f"The weights in {where} do not fit {what} of {architecture} ({len(problems)} tensors "
+                            f"missing or of another shape: {shown}).{hint}")
+
+    problems = _load(model, state, {parts.encoder: prefix}, adapt_first_conv=True)
+    if problems:
+        raise fail("the encoder", problems)
+    loaded = ["the encoder"]
+    # The file's network root relative to its encoder: "" for a checkpoint of this architecture.
+    end = parts.encoder + "."
+    root = prefix[: -len(end)] if prefix == end or prefix.endswith("." + end) else None
+    for what, paths in (("the rest of the network", parts.body), ("the output layer", parts.head)):
+        if root is None or not any(k.startswith(f"{root}{p}.") for p in paths for k in state):
+            continue
+        problems = _load(model, state, {p: f"{root}{p}." for p in paths})
+        if problems and paths is parts.head:
+            logger.info("%s: the output layer in %s does not fit (%s); it starts random.", architecture, where,
+                        problems[0])
+        elif problems:
+            raise fail(what, problems)
+        else:
+            loaded.append(what)
+    if parts.body and "the rest of the network" not in loaded:
+        logger.info("%s: %s holds only the encoder; the rest of the network starts random.", architecture, where)
+    return ", ".join(loaded[:-1]) + " and " + loaded[-1] if len(loaded) > 1 else loaded[0]

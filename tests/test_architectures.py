@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from gandlf_dimlift.options import Architecture
+from gandlf_dimlift.models.builder import Architecture
 from gandlf_dimlift.registry import load_entries
 
 

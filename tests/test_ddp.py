@@ -169,7 +169,7 @@ WORKER = textwrap.dedent(
 
     import GANDLF.models
     from GANDLF.models import get_model
-    from gandlf_dimlift.options import Architecture
+    from gandlf_dimlift.models.builder import Architecture
     from gandlf_dimlift.registry import registered
 
     init_file, out_dir, rank, world = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -144,10 +144,10 @@ def test_decoder_norm_follows_gandlf_norm_type(norm_type, norm_class):
 def _twins(converter_type: str, problem_type: str = "segmentation", **options):
     """A random 2D Omnia-Net with non-trivial norm statistics, and its lift to 3D."""
     spec = dxnet.ModelSpec.from_parameters(parameters(problem_type=problem_type, **options))
-    resolved = DXNET.resolve({"converter_type": converter_type, "pretrained": False, **options})
-    model_2d = dxnet._build_2d(spec, resolved, None, dxnet.DXNET_KEY)
+    resolved = DXNET.resolve({"converter_type": converter_type, "pretrained": False, **options}, 3, problem_type)
+    model_2d = DXNET.make(spec.planar(), resolved, None)
     randomise_batchnorm(model_2d)
-    model_3d = dxnet._lift(copy.deepcopy(model_2d), spec, resolved)
+    model_3d = DXNET.lift(copy.deepcopy(model_2d), spec, resolved)
     return model_2d.eval(), model_3d.eval()
 
 
@@ -375,17 +375,31 @@ def test_checkpoint_of_another_variant_names_the_options_to_check(tmp_path):
         DXNET(parameters=parameters(pretrained=str(checkpoint)))
 
 
-def test_one_value_per_channel_at_the_bottleneck_in_training_is_a_clear_error():
-    model = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(32, 32))).train()
-    with pytest.raises(ValueError, match=r"\(1, 1, 32, 32\).*one value per channel.*batch_size >= 2"):
-        model(torch.randn(1, 1, 32, 32))
+def test_one_value_per_channel_at_the_bottleneck_is_refused_with_batch_size_one():
+    message = r"cannot train with patch_size \[32, 32\].*one value per channel.*\[64, 32\].*batch_size >= 2"
+    with pytest.raises(ConfigError, match=message):
+        OMNIANET(parameters={**parameters("dimlift_omnianet", patch_size=(32, 32)), "batch_size": 1})
+    model = OMNIANET(parameters={**parameters("dimlift_omnianet", patch_size=(64, 32)), "batch_size": 1}).train()
     assert model(torch.randn(1, 1, 64, 32)).shape == (1, 2, 64, 32)
-    assert model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 2, 32, 32)
     # Anisotropic: a 16-slice patch halved only 3 times keeps 2 values along the slice axis.
-    model = DXNET(parameters=parameters(patch_size=(32, 32, 16), slice_stride_from_stage=3)).train()
-    assert model(torch.randn(1, 1, 32, 32, 16)).shape == (1, 2, 32, 32, 16)
-    with pytest.raises(ValueError, match="one value per channel"):
-        model(torch.randn(1, 1, 32, 32, 8))
+    anisotropic = {**parameters(patch_size=(32, 32, 16), slice_stride_from_stage=3), "batch_size": 1}
+    assert DXNET(parameters=anisotropic).train()(torch.randn(1, 1, 32, 32, 16)).shape == (1, 2, 32, 32, 16)
+    with pytest.raises(ConfigError, match="one value per channel"):
+        DXNET(parameters={**parameters(patch_size=(32, 32, 8), slice_stride_from_stage=3), "batch_size": 1})
+
+
+def test_a_last_batch_of_one_sample_normalises_with_the_running_statistics():
+    """GaNDLF does not drop an epoch's last batch: with batch_size 2, a batch of one sample must still train."""
+    model = OMNIANET(parameters={**parameters("dimlift_omnianet", patch_size=(32, 32)), "batch_size": 2}).train()
+    deepest = [m for m in model.encoder.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    first = [m for m in model.encoder.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    before_deepest, before_first = deepest.running_mean.clone(), first.running_mean.clone()
+    model(torch.randn(1, 1, 32, 32)).sum().backward()
+    assert torch.equal(deepest.running_mean, before_deepest), "a 1x1 map updated the running statistics"
+    assert not torch.equal(first.running_mean, before_first), "larger maps still normalise with the batch"
+    assert deepest.training and model.training
+    model(torch.randn(2, 1, 32, 32))
+    assert not torch.equal(deepest.running_mean, before_deepest), "a batch of two normalises with its statistics"
 
 
 def test_2d_input_to_the_3d_model_is_a_clear_error():

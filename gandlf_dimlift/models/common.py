@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -11,6 +11,25 @@ from torch import nn
 from gandlf_dimlift.options import PROBLEM_TYPES, ConfigError
 
 FINAL_LAYERS = ("sigmoid", "softmax", "logsoftmax", "tanh", "identity", "logits", "regression", "none")
+
+
+def _channels(model: dict[str, Any], headers: dict[str, Any] | None, dimension: int) -> int:
+    """`model.num_channels`, checked against the data CSV's channel columns when GaNDLF has read them."""
+    value = model.get("num_channels", 3)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"model.num_channels = {value!r}: give the number of input channels, a positive integer (one per "
+            "Channel column of the data CSV for 3D NIfTI images; 3 for RGB 2D images)."
+        )
+    columns = list((headers or {}).get("channelHeaders") or [])
+    # A 2D RGB image is one column with three channels; a 3D NIfTI column is one channel.
+    if columns and (value < len(columns) or (dimension == 3 and value != len(columns))):
+        raise ConfigError(
+            f"model.num_channels is {value} but the data CSV has {len(columns)} channel column"
+            f"{'s' if len(columns) != 1 else ''}: set model.num_channels: {len(columns)}. (GaNDLF uses 3 when the "
+            "key is absent, whatever the CSV holds.)"
+        )
+    return value
 
 
 def layer(kind: str, dimension: int) -> type[nn.Module]:
@@ -46,6 +65,12 @@ class ModelSpec:
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, Any]) -> ModelSpec:
+        """Reads GaNDLF's parameters dictionary.
+
+        Raises:
+            ConfigError: A dimension, channel count, class list, final layer or patch size the model cannot use,
+                or a `num_channels` that disagrees with the data CSV's channel columns.
+        """
         model = parameters["model"]
         dimension = int(model.get("dimension") or 3)
         if dimension not in (2, 3):
@@ -61,7 +86,14 @@ class ModelSpec:
                 f"parameters['problem_type'] is {problem_type!r}; expected one of {list(PROBLEM_TYPES)}. "
                 "GaNDLF sets it from the CSV headers; set it yourself when building a model from Python."
             )
-        n_outputs = model.get("num_classes") or len(model.get("class_list") or []) or 1
+        in_channels = _channels(model, parameters.get("headers"), dimension)
+        n_outputs = int(model.get("num_classes") or len(model.get("class_list") or []) or 1)
+        if problem_type != "regression" and n_outputs < 2:
+            raise ConfigError(
+                f"model.class_list = {model.get('class_list')!r} has {n_outputs} class; {problem_type} needs at "
+                "least two (for a yes/no task: class_list: [0, 1], with the background or negative class). "
+                "One output to fit is a regression: a ValueToPredict column with final_layer: none."
+            )
         final_layer = str(model.get("final_layer", "none")).lower()
         if final_layer not in FINAL_LAYERS:
             raise ConfigError(f"model.final_layer = {final_layer!r}; choose one of {list(FINAL_LAYERS)}.")
@@ -72,14 +104,18 @@ class ModelSpec:
         return cls(
             architecture=str(model.get("architecture", "")).lower(),
             dimension=dimension,
-            in_channels=int(model.get("num_channels") or 3),
-            n_outputs=int(n_outputs),
+            in_channels=in_channels,
+            n_outputs=n_outputs,
             problem_type=problem_type,
             final_layer=final_layer,
             norm_type=str(model.get("norm_type") or "batch").lower(),
             patch_size=tuple(int(p) for p in patch[:dimension]),
             sigmoid_input_multiplier=float(model.get("sigmoid_input_multiplier", 1.0)),
         )
+
+    def planar(self) -> ModelSpec:
+        """The contract of the 2D network that is lifted to this 3D model."""
+        return replace(self, dimension=2, patch_size=self.patch_size[:2])
 
     def norm(self, channels: int) -> nn.Module:
         """A normalisation layer of GaNDLF's `norm_type` for this dimension."""
@@ -88,6 +124,19 @@ class ModelSpec:
         if self.norm_type == "instance":
             return layer("InstanceNorm", self.dimension)(channels, affine=True)
         return nn.Identity()
+
+
+def apply_norm_type(module: nn.Module, spec: ModelSpec) -> None:
+    """Replaces the batch norms of `module` (a decoder the plugin adopts, e.g. smp's) by GaNDLF's `norm_type`.
+
+    Pretrained encoders keep their own norms: their weights were learnt with them.
+    """
+    if spec.norm_type == "batch":
+        return
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is layer("BatchNorm", spec.dimension):
+                setattr(parent, name, spec.norm(child.num_features))
 
 
 class FinalLayer(nn.Module):

@@ -11,8 +11,7 @@ GaNDLF checkpoint is loaded into the 2D twin, encoder AND decoder, and lifted.
 from __future__ import annotations
 
 import difflib
-import logging
-from pathlib import Path
+import functools
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gandlf_dimlift import weights
+from gandlf_dimlift.models.builder import Architecture
 from gandlf_dimlift.models.common import (
     FinalLayer,
     ModelSpec,
@@ -29,9 +29,7 @@ from gandlf_dimlift.models.common import (
     layer,
 )
 from gandlf_dimlift.models.unet_decoder import ConvBlock, UNetDecoder
-from gandlf_dimlift.options import Architecture, ConfigError, Example, Option
-
-logger = logging.getLogger(__name__)
+from gandlf_dimlift.options import ConfigError, Example, Option
 
 DXNET_KEY = "dimlift_dxnet"
 OMNIANET_KEY = "dimlift_omnianet"
@@ -56,10 +54,9 @@ class DXNet(nn.Module):
     The 2D instance is Omnia-Net; `gandlf_dimlift.lift.lift` of it is DX-Net, with the same state-dict keys.
 
     Args:
-        encoder: An smp EfficientNet encoder of depth 5 (its unused classifier head already removed).
+        encoder: An smp EfficientNet encoder of depth 5.
         spec: GaNDLF's model contract; `spec.dimension` must be the encoder's dimension (2 before lifting).
         decoder_channels: Decoder channels per stage, coarsest first.
-        slice_strides: Stride along the slice axis of each encoder stage (all 2 when isotropic).
         dropout: Dropout before the linear head (classification, regression).
         pooling: Global pooling of the head: avg or max.
         architecture: Key used in error messages.
@@ -70,7 +67,6 @@ class DXNet(nn.Module):
         encoder: nn.Module,
         spec: ModelSpec,
         decoder_channels: tuple[int, ...] = PAPER_DECODER_CHANNELS,
-        slice_strides: tuple[int, ...] = (2,) * DEPTH,
         dropout: float = 0.2,
         pooling: str = "avg",
         architecture: str = OMNIANET_KEY,
@@ -79,17 +75,15 @@ class DXNet(nn.Module):
         self.architecture = architecture
         self.dimension = spec.dimension
         self.problem_type = spec.problem_type
-        self.slice_strides = tuple(slice_strides)
         self.encoder = encoder
         channels = list(encoder.out_channels)  # input, /2, /4, /8, /16, /32
         if spec.problem_type == "segmentation":
-            strides = [_stage_stride(spec.dimension, s) for s in slice_strides]
             self.full_resolution = ConvBlock(spec.in_channels, decoder_channels[-1], spec.dimension, spec.norm)
             self.decoder = UNetDecoder(
                 skip_channels=[decoder_channels[-1], *channels[1:-1]],
                 bottleneck_channels=channels[-1],
                 decoder_channels=decoder_channels,
-                strides=list(reversed(strides)),
+                strides=[(2,) * spec.dimension] * DEPTH,
                 dimension=spec.dimension,
                 norm=spec.norm,
             )
@@ -100,8 +94,6 @@ class DXNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.dimension, self.architecture)
-        if self.training:
-            _check_batch_norm_values(x, self.bottleneck_factors(), self.architecture)
         features = self.encoder(x)
         if self.problem_type == "segmentation":
             skips = [self.full_resolution(x), *features[1:-1]]
@@ -110,40 +102,10 @@ class DXNet(nn.Module):
             out = self.head(features[-1])
         return self.final(out)
 
-    def bottleneck_factors(self) -> tuple[int, ...]:
-        """How much the encoder shrinks each spatial axis (32, or less along an anisotropic slice axis)."""
-        slice_factor = 2 ** sum(s == 2 for s in self.slice_strides) if self.dimension == 3 else 2**DEPTH
-        return (2**DEPTH,) * (self.dimension - 1) + (slice_factor,)
-
-
-def _check_batch_norm_values(x: torch.Tensor, factors: tuple[int, ...], architecture: str) -> None:
-    """EfficientNet's batch norms need more than one value per channel at the bottleneck in training."""
-    values = x.shape[0]
-    for size, factor in zip(x.shape[2:], factors, strict=True):
-        values *= -(-size // factor)
-    if values <= 1:
-        raise ValueError(
-            f"{architecture}: a training batch of shape {tuple(x.shape)} leaves one value per channel at the /32 "
-            "bottleneck, where EfficientNet's batch norms need more than one. Use batch_size >= 2 or a patch larger "
-            "than 32 along one axis."
-        )
-
-
-def _stage_stride(dimension: int, slice_stride: int) -> tuple[int, ...]:
-    return (2,) * (dimension - 1) + (slice_stride if dimension == 3 else 2,)
-
 
 def _slice_strides(slice_stride_from_stage: int) -> tuple[int, ...]:
     """Stride along the slice axis of encoder stages 1..5: 1 before `slice_stride_from_stage`, 2 from it on."""
     return tuple(1 if stage < slice_stride_from_stage else 2 for stage in range(1, DEPTH + 1))
-
-
-def _strip_classifier(encoder: nn.Module) -> nn.Module:
-    """Removes the 1x1 head conv and its norm, which the encoder's feature path never uses."""
-    for name in ("_conv_head", "_bn1", "_avg_pooling", "_dropout", "conv_head", "bn2", "global_pool"):
-        if hasattr(encoder, name) and isinstance(getattr(encoder, name), nn.Module):
-            delattr(encoder, name)
-    return encoder
 
 
 def _check_weight_tag(name: str, tag: str) -> None:
@@ -164,129 +126,37 @@ def _check_weight_tag(name: str, tag: str) -> None:
     )
 
 
-def _build_encoder(options: dict[str, Any], in_channels: int, tag: str | None) -> nn.Module:
+def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None, architecture: str) -> DXNet:
+    """The 2D network (Omnia-Net; lifted, DX-Net) with the encoder's weights for the tag."""
     name = encoder_name(options["encoder_family"], options["variant"])
-    if tag is not None:
-        _check_weight_tag(name, tag)
-    return _strip_classifier(weights.smp_encoder(name, in_channels=in_channels, depth=DEPTH, weights=tag))
+    if weight_tag is not None:
+        _check_weight_tag(name, weight_tag)
+    encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=DEPTH, weights=weight_tag)
+    return DXNet(encoder, spec, decoder_channels=tuple(options["decoder_channels"]), dropout=options["dropout"],
+                 pooling=options["pooling"], architecture=architecture)
 
 
-def _build_2d(spec: ModelSpec, options: dict[str, Any], tag: str | None, architecture: str) -> DXNet:
-    spec_2d = ModelSpec(**{**spec.__dict__, "dimension": 2, "patch_size": spec.patch_size[:2]})
-    return DXNet(
-        _build_encoder(options, spec.in_channels, tag),
-        spec_2d,
-        decoder_channels=tuple(options["decoder_channels"]),
-        slice_strides=_slice_strides(options.get("slice_stride_from_stage", 1)),
-        dropout=options["dropout"],
-        pooling=options["pooling"],
-        architecture=architecture,
+def check(spec: ModelSpec, options: dict[str, Any], architecture: str) -> None:
+    """Segmentation patches must halve exactly at every encoder stage (the decoder concatenates the skips)."""
+    if spec.problem_type != "segmentation":
+        return
+    from_stage = options.get("slice_stride_from_stage", 1)
+    slice_divisor = 2 ** sum(s == 2 for s in _slice_strides(from_stage))
+    divisors = (2**DEPTH,) * (spec.dimension - 1) + ((slice_divisor,) if spec.dimension == 3 else (2**DEPTH,))
+    why = "the encoder halves every axis 5 times"
+    if from_stage > 1:
+        why = f"the encoder halves the in-plane axes 5 times and the slice axis from stage {from_stage} on"
+    check_divisible(spec.patch_size, divisors, architecture, why)
+
+
+def parts(model: DXNet) -> weights.Parts:
+    segmentation = model.problem_type == "segmentation"
+    return weights.Parts(
+        encoder="encoder",
+        body=("full_resolution", "decoder") if segmentation else (),
+        head=("segmentation_head",) if segmentation else ("head",),
+        hint="the same model.variant, model.encoder_family, model.decoder_channels and num_channels",
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weights files: a GaNDLF checkpoint of either key, a plain model state dict, or a 2D EfficientNet state dict.
-
-
-def _strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
-def _state_dimension(state_dict: dict[str, torch.Tensor]) -> int | None:
-    """2 or 3 from the rank of the first convolution kernel (4 or 5), None when no kernel is found."""
-    for key, value in state_dict.items():
-        if key.endswith("weight") and value.dim() in (4, 5) and ("stem" in key or key.startswith("encoder.")):
-            return value.dim() - 2
-    ranks = {v.dim() for k, v in state_dict.items() if k.endswith("weight") and v.dim() in (4, 5)}
-    return ranks.pop() - 2 if len(ranks) == 1 else None
-
-
-def _describe_source(source: weights.WeightsFile) -> str:
-    what = f"{source.path}"
-    if source.architecture:
-        what += f" (architecture {source.architecture}"
-        what += f", {source.dimension}D)" if source.dimension else ")"
-    return what
-
-
-def _read_source(path: Path, architecture: str, dimension: int) -> tuple[str, weights.WeightsFile, int]:
-    """Reads a weights file and says what it holds: ("model", file, dim) or ("encoder", file, 2).
-
-    Raises:
-        ConfigError: The file comes from another architecture, or is 3D while the model is 2D.
-    """
-    source = weights.read_weights_file(path)
-    state = _strip_module_prefix(source.state_dict)
-    source = weights.WeightsFile(source.path, state, source.architecture, source.dimension)
-    ours = (DXNET_KEY, OMNIANET_KEY)
-    if source.architecture is not None and source.architecture not in ours:
-        raise ConfigError(
-            f"model.pretrained = {str(path)!r} is a checkpoint of architecture {source.architecture!r}, which "
-            f"{architecture} cannot load. Give a checkpoint of {OMNIANET_KEY} (2D) or {DXNET_KEY} (3D), a 2D "
-            "EfficientNet state dict, a weight tag such as 'imagenet', or false."
-        )
-    is_model = source.architecture is not None or any(k.startswith("encoder.") for k in state)
-    file_dimension = source.dimension or _state_dimension(state)
-    if file_dimension is None:
-        raise ConfigError(f"model.pretrained = {str(path)!r}: the file holds no convolution kernel to load.")
-    if file_dimension == 3 and dimension == 2:
-        raise ConfigError(
-            f"model.pretrained = {str(path)!r} holds 3D weights ({_describe_source(source)}); {architecture} is a "
-            f"2D model. Dimensional transfer goes from 2D to 3D: load a 2D {OMNIANET_KEY} checkpoint into "
-            f"{DXNET_KEY}, not the reverse."
-        )
-    if not is_model and file_dimension == 3:
-        raise ConfigError(
-            f"model.pretrained = {str(path)!r} holds 3D weights without `encoder.` keys; give a {DXNET_KEY} "
-            "checkpoint or a 2D EfficientNet state dict."
-        )
-    return ("model" if is_model else "encoder"), source, file_dimension
-
-
-def _load_encoder_file(model: DXNet, source: weights.WeightsFile, options: dict[str, Any], in_channels: int) -> None:
-    """Loads a 2D EfficientNet state dict (smp, efficientnet_pytorch or timm keys) into a 2D model's encoder."""
-    name = encoder_name(options["encoder_family"], options["variant"])
-    encoder = _strip_classifier(weights.smp_encoder(name, in_channels=3, depth=DEPTH, weights=None))
-    try:
-        weights.load_matching(encoder, source.state_dict, str(source.path))
-    except weights.WeightsError as error:
-        raise weights.WeightsError(
-            f"{error} An encoder state dict must hold the keys of smp's {name} (model.variant and "
-            "model.encoder_family select it)."
-        ) from error
-    encoder.set_in_channels(in_channels, pretrained=True)
-    model.encoder.load_state_dict(encoder.state_dict())
-
-
-def _load_model_file(model: DXNet, source: weights.WeightsFile, architecture: str) -> None:
-    """Loads a full model state dict: encoder and decoder strictly, the output layer when it fits."""
-    state = source.state_dict
-    where = _describe_source(source)
-    hint = (
-        " The file must come from a run with the same model.variant, model.encoder_family, "
-        "model.decoder_channels and num_channels."
-    )
-    parts = ["encoder"]
-    if model.problem_type == "segmentation":
-        if any(k.startswith("decoder.") for k in state):
-            parts += ["full_resolution", "decoder"]
-        else:
-            logger.warning("%s has no decoder weights (not a segmentation run): the decoder of %s starts random.",
-                           where, architecture)
-    for part in parts:
-        try:
-            weights.load_matching(getattr(model, part), state, where, prefix=f"{part}.")
-        except weights.WeightsError as error:
-            raise weights.WeightsError(f"{error}{hint}") from error
-    head = "segmentation_head" if model.problem_type == "segmentation" else "head"
-    try:
-        weights.load_matching(getattr(model, head), state, where, prefix=f"{head}.")
-        logger.info("Loaded encoder, decoder and output layer of %s from %s.", architecture, where)
-    except weights.WeightsError:
-        logger.info("Loaded %s of %s from %s; the output layer does not fit (other classes) and starts random.",
-                    " and ".join(parts), architecture, where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,11 +305,12 @@ COMMON_OPTIONS = (
         "Channels of the five U-Net decoder stages, coarsest first (segmentation).",
         types=(tuple,),
         check=_check_decoder_channels,
+        problem_types=("segmentation",),
     ),
     Option("dropout", 0.2, "Dropout before the linear head (classification, regression).", types=(float,),
-           check=_check_dropout),
+           check=_check_dropout, problem_types=("classification", "regression")),
     Option("pooling", "avg", "Global pooling before the linear head (classification, regression).",
-           choices=("avg", "max")),
+           choices=("avg", "max"), problem_types=("classification", "regression")),
 )
 
 _PRETRAINED_HELP = (
@@ -464,6 +335,7 @@ LIFT_OPTIONS = (
         "How 2D kernels become 3D: inflate (repeat along the slice axis, divided by its size) or inflate_center "
         "(the 2D kernel in the middle plane, zeros elsewhere).",
         choices=CONVERTERS,
+        dimensions=(3,),
     ),
     Option(
         "slice_stride_from_stage",
@@ -472,6 +344,7 @@ LIFT_OPTIONS = (
         "slice axis; 1 is isotropic (the paper), 6 never downsamples along the slice axis.",
         types=(int,),
         choices=(1, 2, 3, 4, 5, 6),
+        dimensions=(3,),
     ),
     Option(
         "slice_padding",
@@ -480,48 +353,9 @@ LIFT_OPTIONS = (
         "volume constant along the slice axis then gives exactly the 2D network's features, squeeze-excitation "
         "included).",
         choices=SLICE_PADDINGS,
+        dimensions=(3,),
     ),
 )
-
-
-def _make(spec: ModelSpec, options: dict[str, Any], architecture: str) -> DXNet:
-    options = {"converter_type": "inflate", "slice_stride_from_stage": 1, "slice_padding": "zeros", **options}
-    if spec.problem_type == "segmentation":
-        in_plane = 2**DEPTH
-        slice_divisor = 2 ** sum(s == 2 for s in _slice_strides(options["slice_stride_from_stage"]))
-        divisors = (in_plane,) * (spec.dimension - 1) + ((slice_divisor,) if spec.dimension == 3 else (in_plane,))
-        why = "the encoder halves every axis 5 times"
-        if options["slice_stride_from_stage"] > 1:
-            why = (f"the encoder halves the in-plane axes 5 times and the slice axis from stage "
-                   f"{options['slice_stride_from_stage']} on")
-        check_divisible(spec.patch_size, divisors, architecture, why)
-    choice = weights.parse_pretrained(options["pretrained"])
-    tag = choice if isinstance(choice, str) else None
-    kind = source = None
-    file_dimension = 2
-    if isinstance(choice, Path):
-        kind, source, file_dimension = _read_source(choice, architecture, spec.dimension)
-    model = _build_2d(spec, options, tag, architecture)
-    if kind == "encoder":
-        _load_encoder_file(model, source, options, spec.in_channels)
-    elif kind == "model" and file_dimension == 2:
-        _load_model_file(model, source, architecture)
-    if spec.dimension == 2:
-        return model
-    model = _lift(model, spec, options)
-    if kind == "model" and file_dimension == 3:
-        _load_model_file(model, source, architecture)
-    return model
-
-
-def make_dxnet(spec: ModelSpec, options: dict[str, Any]) -> DXNet:
-    """Builds `dimlift_dxnet`: the 2D Omnia-Net lifted to 3D."""
-    return _make(spec, options, DXNET_KEY)
-
-
-def make_omnianet(spec: ModelSpec, options: dict[str, Any]) -> DXNet:
-    """Builds `dimlift_omnianet`: EfficientNet encoder, U-Net decoder (or pooling head), 2D."""
-    return _make(spec, options, OMNIANET_KEY)
 
 
 _SMALL = {"pretrained": False, "variant": "b0"}
@@ -529,8 +363,11 @@ _SMALL = {"pretrained": False, "variant": "b0"}
 DXNET = Architecture(
     key=DXNET_KEY,
     summary="DX-Net: 2D EfficientNet B0-B7 (ImageNet or a trained Omnia-Net) inflated to a 3D U-Net or classifier.",
-    make=make_dxnet,
+    make=functools.partial(make, architecture=DXNET_KEY),
     options=(PRETRAINED_3D, *COMMON_OPTIONS, *LIFT_OPTIONS),
+    lift=lambda model, spec, options: _lift(model, spec, options),
+    parts=parts,
+    check=functools.partial(check, architecture=DXNET_KEY),
     dimensions=(3,),
     examples=(
         Example("segmentation", 3, _SMALL, patch_size=(32, 32, 32)),
@@ -542,8 +379,10 @@ DXNET = Architecture(
 OMNIANET = Architecture(
     key=OMNIANET_KEY,
     summary="Omnia-Net: 2D EfficientNet B0-B7 encoder with a U-Net decoder or a pooling head; the 2D twin of DX-Net.",
-    make=make_omnianet,
-    options=(PRETRAINED_2D, *COMMON_OPTIONS),
+    make=functools.partial(make, architecture=OMNIANET_KEY),
+    options=(PRETRAINED_2D, *COMMON_OPTIONS, *LIFT_OPTIONS),
+    parts=parts,
+    check=functools.partial(check, architecture=OMNIANET_KEY),
     dimensions=(2,),
     examples=(
         Example("segmentation", 2, _SMALL, patch_size=(32, 32)),

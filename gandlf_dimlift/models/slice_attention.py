@@ -12,8 +12,6 @@ GaNDLF's 3D layout is `(B, C, X, Y, Z)`: `slice_axis: z` (the default) takes the
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from gandlf_dimlift import weights
 from gandlf_dimlift.lift import adapt_input_channels
 from gandlf_dimlift.models import common
+from gandlf_dimlift.models.builder import Architecture
 from gandlf_dimlift.models.slice_pooling import POOLINGS, SlicePositionEncoding, make_pooling
-from gandlf_dimlift.options import Architecture, ConfigError, Example, Option
-
-logger = logging.getLogger(__name__)
+from gandlf_dimlift.options import ConfigError, Example, Option
 
 KEY = "dimlift_slice_attention"
 SLICE_AXES = ("x", "y", "z", "all")
@@ -69,63 +66,9 @@ class ImageNetNormalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _state_dict_prefix(own_keys: list[str], state_dict: dict[str, torch.Tensor]) -> str:
-    """The prefix under which `state_dict` holds every key of `own_keys` (e.g. 'encoder.' in a full model)."""
-    first = own_keys[0]
-    candidates = sorted({key[: -len(first)] for key in state_dict if key.endswith(first)}, key=len)
-    for prefix in candidates:
-        if all(prefix + key in state_dict for key in own_keys):
-            return prefix
-    return candidates[0] if candidates else ""
-
-
-def prune_unused_stages(encoder: nn.Module, size: int = 64) -> list[str]:
-    """Replaces the encoder's submodules that do not reach its output by identities; returns their names.
-
-    smp builds every stage of an encoder whatever its depth (a depth-3 ResNet keeps layer3 and layer4 unused).
-    Unused parameters would break DDP and waste memory, so the submodules whose parameters get no gradient in a
-    probe pass are removed (after the pretrained weights were loaded, so checkpoints stay consistent).
-    """
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.enable_grad():  # the model may be built under no_grad (e.g. inside an inference script)
-            encoder(torch.zeros(1, 3, size, size))[-1].sum().backward()
-    except Exception as error:  # noqa: BLE001 - an encoder that cannot be probed at this size keeps every stage
-        logger.warning("Could not probe %s for unused stages (%s); keeping them.", type(encoder).__name__, error)
-        encoder.zero_grad(set_to_none=True)
-        encoder.train(was_training)
-        return []
-    removed: list[str] = []
-    for name, module in list(encoder.named_modules()):
-        if not name or any(name.startswith(r + ".") for r in removed):
-            continue
-        parameters = list(module.parameters())
-        if parameters and all(p.grad is None for p in parameters):
-            parent_name, _, child = name.rpartition(".")
-            parent = encoder.get_submodule(parent_name) if parent_name else encoder
-            setattr(parent, child, nn.Identity())
-            removed.append(name)
-    encoder.zero_grad(set_to_none=True)
-    encoder.train(was_training)
-    return removed
-
-
-def build_encoder(name: str, pretrained: Any, depth: int) -> nn.Module:
-    """A 3-channel 2D smp encoder without unused stages, with the requested pretrained weights (tag or file)."""
-    choice = weights.parse_pretrained(pretrained)
-    tag = choice if isinstance(choice, str) else None
-    encoder = weights.smp_encoder(name, in_channels=3, depth=depth, weights=tag)
-    removed = prune_unused_stages(encoder)
-    if removed:
-        logger.debug("Encoder %s at depth %d: removed unused %s", name, depth, removed)
-    if isinstance(choice, Path):
-        content = weights.read_weights_file(choice)
-        own = [k for k in encoder.state_dict() if not k.startswith("fc.")]
-        prefix = _state_dict_prefix(own, content.state_dict)
-        weights.load_matching(encoder, content.state_dict, str(choice), prefix=prefix)
-        logger.info("Loaded encoder %s from %s (prefix %r).", name, choice, prefix)
-    return encoder
+def build_encoder(name: str, weight_tag: str | None, depth: int) -> nn.Module:
+    """A 3-channel 2D smp encoder with the weights of `weight_tag` (or random for None)."""
+    return weights.smp_encoder(name, in_channels=3, depth=depth, weights=weight_tag)
 
 
 class SliceAttentionClassifier(nn.Module):
@@ -134,7 +77,8 @@ class SliceAttentionClassifier(nn.Module):
     Args:
         spec: GaNDLF's model contract (3D, classification or regression).
         encoder_name: An smp encoder name.
-        pretrained: False, a weight tag, or a weights file.
+        weight_tag: The encoder's weight tag (e.g. 'imagenet'), or None for random weights. Weights files are
+            loaded by the builder (`gandlf_dimlift.models.builder`).
         encoder_depth: smp encoder depth; the deepest feature map is pooled per slice.
         slice_axis: x, y, z, or all.
         pooling: attention, gated, mean or max.
@@ -152,7 +96,7 @@ class SliceAttentionClassifier(nn.Module):
         self,
         spec: common.ModelSpec,
         encoder_name: str = "resnet18",
-        pretrained: Any = False,
+        weight_tag: str | None = None,
         encoder_depth: int = 5,
         slice_axis: str = "z",
         pooling: str = "attention",
@@ -190,7 +134,7 @@ class SliceAttentionClassifier(nn.Module):
 
         self.to_rgb = GreyToRGB() if spec.in_channels == 1 else nn.Identity()
         self.normalize = ImageNetNormalize() if imagenet_normalize else nn.Identity()
-        encoder = build_encoder(encoder_name, pretrained, encoder_depth)
+        encoder = build_encoder(encoder_name, weight_tag, encoder_depth)
         self.encoder = encoder if spec.in_channels in (1, 3) else adapt_input_channels(encoder, spec.in_channels)
         self.features = int(self.encoder.out_channels[-1])
         self.position = SlicePositionEncoding(self.features) if position_encoding else None
@@ -266,9 +210,16 @@ class SliceAttentionClassifier(nn.Module):
         return bool(self.encoder_steps_done < self.freeze_encoder_steps)
 
 
-def make(spec: common.ModelSpec, options: dict[str, Any]) -> SliceAttentionClassifier:
+def make(spec: common.ModelSpec, options: dict[str, Any], weight_tag: str | None) -> SliceAttentionClassifier:
     """Builds the model from GaNDLF's contract and the validated `model:` options."""
-    return SliceAttentionClassifier(spec, **options)
+    options = {k: v for k, v in options.items() if k != "pretrained"}
+    return SliceAttentionClassifier(spec, weight_tag=weight_tag, **options)
+
+
+def parts(model: SliceAttentionClassifier) -> weights.Parts:
+    body = ("pooling",) + (("position",) if model.position is not None else ())
+    return weights.Parts(encoder="encoder", body=body, head=("head",),
+                         hint="the same encoder_name, encoder_depth, pooling and num_channels")
 
 
 SMALL = {"pretrained": False, "encoder_depth": 3}  # the examples: random weights, a small encoder
@@ -276,6 +227,8 @@ ARCHITECTURE = Architecture(
     key=KEY,
     summary="2D encoder on every slice, attention over slices (weights kept for explanations), linear head.",
     make=make,
+    parts=parts,
+    probe_shape=lambda spec: (1, spec.in_channels, 32, 32, 32),
     options=(
         Option("encoder_name", "resnet18", "2D smp encoder applied to every slice.", check=weights.check_encoder_name),
         Option(

@@ -8,21 +8,25 @@ every convolution three times.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from gandlf_dimlift import weights
-from gandlf_dimlift.models.common import FinalLayer, ModelSpec, PoolingHead, check_divisible, check_input
-from gandlf_dimlift.options import Architecture, ConfigError, Example, Option
-
-logger = logging.getLogger(__name__)
+from gandlf_dimlift.lift import MODES, lift
+from gandlf_dimlift.models.builder import Architecture
+from gandlf_dimlift.models.common import (
+    FinalLayer,
+    ModelSpec,
+    PoolingHead,
+    apply_norm_type,
+    check_divisible,
+    check_input,
+)
+from gandlf_dimlift.options import ConfigError, Example, Option
 
 KEY = "dimlift_smp"
-MODES = ("acs", "soft", "mean", "inflate", "inflate_center", "2.5d", "conv3d")
 DECODERS = {
     "unet": "Unet",
     "unetplusplus": "UnetPlusPlus",
@@ -108,31 +112,8 @@ def _decoder_arguments(options: dict[str, Any]) -> dict[str, Any]:
     return arguments
 
 
-def _replace_unused(net: nn.Module, in_channels: int, size: tuple[int, ...]) -> None:
-    """Replaces modules that a forward pass never calls by nn.Identity.
-
-    smp encoders keep every stage however small `encoder_depth` is (resnet18 at depth 3 still holds layer3 and
-    layer4); those parameters never get a gradient, which wastes memory and breaks DistributedDataParallel.
-    """
-    called: set[nn.Module] = set()
-    hooks = [m.register_forward_hook(lambda module, *_: called.add(module)) for m in net.modules()]
-    training = net.training
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, in_channels, *size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        net.train(training)
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            unused = called.isdisjoint(child.modules())  # containers (ModuleList) are never called themselves
-            if unused and any(True for _ in child.parameters()):
-                setattr(parent, name, nn.Identity())
-
-
-def build_2d(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -> SmpModel:
-    """The 2D twin: smp's model (segmentation) or encoder + head, with the encoder's 2D weights."""
+def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -> SmpModel:
+    """The 2D network: smp's model (segmentation) or encoder + head, with the encoder's weights for the tag."""
     import segmentation_models_pytorch as smp
 
     name, depth = options["encoder_name"], options["encoder_depth"]
@@ -146,66 +127,43 @@ def build_2d(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -
             **_decoder_arguments(options),
         )
         net.encoder.load_state_dict(encoder.state_dict())
+        apply_norm_type(net.decoder, spec)  # the encoder keeps its own (pretrained) norms
     else:
         head = PoolingHead(encoder.out_channels[-1], spec.n_outputs, options["pooling"], options["dropout"])
         net = EncoderClassifier(encoder, head)
-    _replace_unused(net, spec.in_channels, spec.patch_size[:2])
     return SmpModel(net, spec)
 
 
-def _load_file(model: SmpModel, source: weights.WeightsFile) -> None:
-    """Loads a whole model (GaNDLF checkpoint or smp state dict) or, failing that, only the encoder."""
-    candidates = [(model, ""), (model.net, ""), (model.net.encoder, "net.encoder."), (model.net.encoder, "encoder."),
-                  (model.net.encoder, "")]
-    errors = []
-    for module, prefix in candidates:
-        try:
-            weights.load_matching(module, source.state_dict, str(source.path), prefix=prefix)
-        except weights.WeightsError as error:
-            errors.append(str(error))
-            continue
-        part = "the encoder" if module is model.net.encoder else "the whole model"
-        logger.info("Loaded %s of %s from %s", part, KEY, source.path)
-        return
-    raise weights.WeightsError(
-        f"{source.path} fits neither the whole {KEY} model nor its encoder ({model.net.encoder.__class__.__name__}) "
-        f"with these options. Closest: {min(errors, key=len)}"
-    )
-
-
-def make(spec: ModelSpec, options: dict[str, Any]) -> SmpModel:
-    depth = options["encoder_depth"]
-    if spec.problem_type == "segmentation":  # the decoder concatenates skips: sizes must halve exactly
-        check_divisible(spec.patch_size, (2**depth,) * spec.dimension, KEY, f"the encoder's total stride 2^{depth}")
-        if options["decoder_name"] == "pan" and min(spec.patch_size) < PAN_MIN_SIZE:
-            raise ConfigError(
-                f"patch_size {list(spec.patch_size)} is too small for smp's pan: its feature pyramid attention pools "
-                f"the /16 features three times, so every axis needs at least {PAN_MIN_SIZE} voxels."
-            )
-    pretrained = weights.parse_pretrained(options["pretrained"])
-    source = weights.read_weights_file(pretrained) if isinstance(pretrained, Path) else None
-    if source is not None:
-        if source.architecture is not None and source.architecture != KEY:
-            raise ConfigError(
-                f"model.pretrained = {str(source.path)!r} is a checkpoint of {source.architecture}, not {KEY}; "
-                f"its weights do not fit. Use a {KEY} checkpoint, an encoder state dict, or a weight tag."
-            )
-        if source.dimension == 3 and spec.dimension == 2:
-            raise ConfigError(
-                f"model.pretrained = {str(source.path)!r} is a 3D checkpoint; a 2D model cannot load it. "
-                "Dimensional transfer goes from a 2D run into a 3D one."
-            )
-    model = build_2d(spec, options, None if source is not None else pretrained)
-    if source is not None and source.dimension != 3:
-        _load_file(model, source)
-    if spec.dimension == 3:
-        from gandlf_dimlift.lift import lift
-
-        model.net = lift(model.net, mode=options["converter_type"], axis=options["slice_axis"])
-        model.dimension = 3
-        if source is not None and source.dimension == 3:
-            _load_file(model, source)
+def lift_net(model: SmpModel, spec: ModelSpec, options: dict[str, Any]) -> SmpModel:
+    """Lifts the network inside the GaNDLF-facing model (whose forward checks the input layout first)."""
+    model.net = lift(model.net, mode=options["converter_type"], axis=options["slice_axis"])
     return model
+
+
+def check(spec: ModelSpec, options: dict[str, Any]) -> None:
+    depth = options["encoder_depth"]
+    if spec.problem_type != "segmentation":
+        return
+    # the decoder concatenates skips: sizes must halve exactly (2.5d keeps the slice axis)
+    divisors = [2**depth] * spec.dimension
+    if spec.dimension == 3 and options["converter_type"] == "2.5d":
+        divisors["xyz".index(options["slice_axis"])] = 1
+    check_divisible(spec.patch_size, tuple(divisors), KEY, f"the encoder's total stride 2^{depth}")
+    if options["decoder_name"] == "pan" and min(spec.patch_size) < PAN_MIN_SIZE:
+        raise ConfigError(
+            f"patch_size {list(spec.patch_size)} is too small for smp's pan: its feature pyramid attention pools "
+            f"the /16 features three times, so every axis needs at least {PAN_MIN_SIZE} voxels."
+        )
+
+
+def parts(model: SmpModel) -> weights.Parts:
+    head = "net.segmentation_head" if hasattr(model.net, "segmentation_head") else "net.head"
+    return weights.Parts(
+        encoder="net.encoder",
+        body=("net.decoder",) if hasattr(model.net, "decoder") else (),
+        head=(head,),
+        hint="the same encoder_name, encoder_depth, decoder_name, decoder_channels and num_channels",
+    )
 
 
 def _check_depth(depth: int) -> str | None:
@@ -225,20 +183,24 @@ def _check_dropout(value: float) -> str | None:
 OPTIONS = (
     Option("encoder_name", "resnet18", "Any smp encoder, or tu-<timm model>.", types=(str,),
            check=weights.check_encoder_name),
-    Option("decoder_name", "unet", "smp decoder (segmentation).", choices=tuple(DECODERS)),
-    Option("converter_type", "acs", "How 2D layers become 3D (dimension 3).", choices=MODES),
-    Option("slice_axis", "z", "The slice axis for inflate and 2.5d; z is GaNDLF's last axis.", choices=("x", "y", "z")),
+    Option("decoder_name", "unet", "smp decoder (segmentation).", choices=tuple(DECODERS),
+           problem_types=("segmentation",)),
+    Option("converter_type", "acs", "How 2D layers become 3D.", choices=MODES, dimensions=(3,)),
+    Option("slice_axis", "z", "The slice axis for inflate and 2.5d; z is GaNDLF's last axis.", choices=("x", "y", "z"),
+           dimensions=(3,)),
     Option("encoder_depth", 5, "Encoder stages; the patch size must be divisible by 2^depth.", check=_check_depth),
     Option("decoder_channels", None, "Decoder widths: a list per stage (unet, unetplusplus, manet) or one integer.",
-           types=(tuple, int, type(None)), check=lambda v: None if v is None else _check_channels(v)),
+           types=(tuple, int, type(None)), check=lambda v: None if v is None else _check_channels(v),
+           problem_types=("segmentation",)),
     Option("decoder_attention_type", None, "Decoder attention (unet, unetplusplus).", types=(str, type(None)),
-           choices=(None, "scse")),
+           choices=(None, "scse"), problem_types=("segmentation",)),
     Option("pretrained", "imagenet",
            f"false, a weight tag of the encoder (e.g. imagenet), or a file: a 2D state dict or a {KEY} checkpoint.",
            types=(bool, str), check=weights.check_pretrained),
-    Option("pooling", "avg", "Global pooling of the head (classification, regression).", choices=("avg", "max")),
+    Option("pooling", "avg", "Global pooling of the head (classification, regression).", choices=("avg", "max"),
+           problem_types=("classification", "regression")),
     Option("dropout", 0.0, "Dropout before the linear head (classification, regression).", types=(float,),
-           check=_check_dropout),
+           check=_check_dropout, problem_types=("classification", "regression")),
 )
 
 _SMALL = {"encoder_name": "resnet18", "encoder_depth": 3, "pretrained": False}
@@ -247,6 +209,10 @@ ARCHITECTURE = Architecture(
     summary="smp encoders and decoders, 2D or lifted to 3D (ACS, soft/mean ACS, 2.5D, I3D inflation).",
     make=make,
     options=OPTIONS,
+    lift=lift_net,
+    parts=parts,
+    check=check,
+    smaller_bottleneck="a smaller model.encoder_depth (each stage halves the patch)",
     examples=(
         *(Example("segmentation", 3, {**_SMALL, "decoder_name": d}) for d in ("unet", "fpn", "linknet")),
         Example("classification", 3, dict(_SMALL)),

@@ -1,0 +1,103 @@
+"""Normalisation layers against GaNDLF's batches: one sample per batch, and an epoch's last batch of one.
+
+A batch norm in training mode needs more than one value per channel, and an instance norm more than one voxel.
+GaNDLF's data loader does not drop the last batch of an epoch, so whenever the number of training patches is not a
+multiple of `batch_size` a batch of one sample arrives; at a deep bottleneck (1 x 1 x 1 at /32 of a 32^3 patch)
+torch then fails in the middle of an epoch. Two rules make that predictable:
+
+- `check_single_sample_batches` (at build time): with `batch_size: 1` every batch holds one sample, so a batch
+  norm that sees one value per channel could never normalise: the config is refused, naming the layer and the
+  smallest patch that works. An instance norm that sees one voxel is refused whatever the batch size.
+- `tolerate_single_sample_batches`: with a larger batch size, an occasional batch of one sample normalises such a
+  layer with its running statistics (as in evaluation) and leaves them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gandlf_dimlift.options import ConfigError
+
+_BATCH_NORMS = nn.modules.batchnorm._BatchNorm
+_INSTANCE_NORMS = nn.modules.instancenorm._InstanceNorm
+
+
+def _values_per_channel(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else x.numel()
+
+
+def _use_running_statistics(module: nn.Module, args: tuple) -> None:
+    if module.training and module.track_running_stats and args and _values_per_channel(args[0]) <= 1:
+        module.training = False
+        module._dimlift_single_sample = True
+
+
+def _restore_training(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    if getattr(module, "_dimlift_single_sample", False):
+        module.training = True
+        module._dimlift_single_sample = False
+
+
+def tolerate_single_sample_batches(model: nn.Module) -> None:
+    """Lets every batch norm of `model` take a batch with one value per channel (see the module docstring)."""
+    for module in model.modules():
+        if isinstance(module, _BATCH_NORMS) and not getattr(module, "_dimlift_tolerant", False):
+            module.register_forward_pre_hook(_use_running_statistics)
+            module.register_forward_hook(_restore_training)
+            module._dimlift_tolerant = True
+
+
+def _norm_inputs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(name, module, input shape) of every batch and instance norm in a forward of a zero tensor of `shape`."""
+    seen: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            seen.append((names.get(module, type(module).__name__), module, tuple(args[0].shape)))
+
+    norms = [m for m in model.modules() if isinstance(m, (_BATCH_NORMS, _INSTANCE_NORMS))]
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    return seen
+
+
+def check_single_sample_batches(model: nn.Module, spec, batch_size: int | None, architecture: str,
+                                smaller_bottleneck: str | None = None) -> None:
+    """Refuses a config whose training batches would leave a norm layer nothing to normalise.
+
+    Raises:
+        ConfigError: Naming the layer, what it sees, and the smallest patch (or other change) that works.
+    """
+    norms = [m for m in model.modules() if isinstance(m, (_BATCH_NORMS, _INSTANCE_NORMS))]
+    single_batches = batch_size == 1 and any(isinstance(m, _BATCH_NORMS) for m in norms)
+    if not norms or not (single_batches or any(isinstance(m, _INSTANCE_NORMS) for m in norms)):
+        return
+    for name, module, shape in _norm_inputs(model, (1, spec.in_channels, *spec.patch_size)):
+        voxels = math.prod(shape[2:])
+        if isinstance(module, _INSTANCE_NORMS) and voxels <= 1:
+            problem, fix = "an instance norm", "whatever the batch size"
+        elif isinstance(module, _BATCH_NORMS) and single_batches and voxels <= 1:
+            problem, fix = "a batch norm", "with batch_size: 1 (every batch one sample)"
+        else:
+            continue
+        larger = list(spec.patch_size)
+        axis = max(range(len(larger)), key=lambda i: larger[i])
+        larger[axis] *= 2
+        other = f", or {smaller_bottleneck}" if smaller_bottleneck else ""
+        batch = ", or batch_size >= 2" if "batch" in problem else ""
+        raise ConfigError(
+            f"{architecture} cannot train with patch_size {list(spec.patch_size)}: {problem} ({name}) sees an input "
+            f"of {'x'.join(map(str, shape[2:])) or 'no'} voxels, one value per channel {fix}, and torch cannot "
+            f"normalise that in training. Use a patch twice as large along one axis (e.g. {larger}){other}{batch}."
+        )
