@@ -180,7 +180,7 @@ def remove_unused_modules(model: nn.Module, probe_shape: tuple[int, ...]) -> lis
     EfficientNet encoders keep their classifier's head convolution: parameters that never get a gradient waste
     memory and break DistributedDataParallel (`find_unused_parameters=False`, GaNDLF's setting). The probe runs in
     eval mode (batch statistics of a one-sample probe are meaningless) with gradients on, whatever the caller's
-    grad mode (the model may be built inside `torch.no_grad()`). Containers stay (encoders index and slice them,
+    grad mode (the model may be built inside `torch.no_grad()`). Module lists stay (encoders index and slice them,
     e.g. EfficientNet's `_blocks[:n]`): their unused children are replaced.
     """
     training = model.training
@@ -195,7 +195,7 @@ def remove_unused_modules(model: nn.Module, probe_shape: tuple[int, ...]) -> lis
             if not name or any(name.startswith(r + ".") for r in removed):
                 continue
             parameters = list(module.parameters())
-            container = isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
+            container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
             if parameters and not container and all(p.grad is None for p in parameters):
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
