@@ -85,9 +85,11 @@ def check_single_sample_batches(model: nn.Module, spec, batch_size: int | None, 
         return
     for name, module, shape in _norm_inputs(model, (1, spec.in_channels, *spec.patch_size)):
         voxels = math.prod(shape[2:])
+        # of one sample: its first axis is 1, or its slices for a 2D network run on every slice
+        values = shape[0] * voxels
         if isinstance(module, _INSTANCE_NORMS) and voxels <= 1:
             problem, fix = "an instance norm", "whatever the batch size"
-        elif isinstance(module, _BATCH_NORMS) and single_batches and voxels <= 1:
+        elif isinstance(module, _BATCH_NORMS) and single_batches and values <= 1:
             problem, fix = "a batch norm", "with batch_size: 1 (every batch one sample)"
         else:
             continue

@@ -1,0 +1,89 @@
+"""GaNDLF's own test flows and the learning check: the committed sweep (docs/conformance.json, .md) and a re-run of
+a representative slice of it (scripts/conformance.py runs the whole matrix)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = json.loads((ROOT / "docs" / "conformance.json").read_text())
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("conformance", ROOT / "scripts" / "conformance.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["conformance"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = _script()
+
+
+def _registered():
+    import GANDLF.models  # noqa: F401 - the hook registers the plugin on this import
+
+    from gandlf_dimlift.registry import registered
+
+    return {key: entry.builder for key, entry in registered().items()}
+
+
+def test_sweep_covers_every_registered_architecture_and_applicable_flow():
+    rows = {(r["architecture"], r["flow"]) for r in DATA["flows"]}
+    expected = {(key, name) for key, builder in _registered().items() for name, flow in SCRIPT.FLOWS.items()
+                if SCRIPT.applicable(builder, flow)}
+    assert expected <= rows, f"not in the sweep (rerun scripts/conformance.py): {sorted(expected - rows)[:8]}"
+
+
+def test_every_flow_passes_or_is_refused_before_training_with_the_fix():
+    assert {r["status"] for r in DATA["flows"]} <= {"pass", "refused"}, [
+        (r["architecture"], r["flow"], r.get("message")) for r in DATA["flows"] if r["status"] == "fail"]
+    for row in (r for r in DATA["flows"] if r["status"] == "refused"):
+        assert "patch" in row["message"] and ("Use " in row["message"] or "set " in row["message"]), row
+
+
+def test_every_plugin_architecture_learns_at_least_as_well_as_gandlfs_builtin():
+    builders = _registered()
+    for name, check in SCRIPT.LEARNING.items():
+        rows = {r["architecture"]: r for r in DATA["learning"] if r["check"] == name}
+        expected = {k for k, b in builders.items() if check.dimension in b.dimensions and check.task in
+                    b.problem_types}
+        assert expected | {check.reference} <= set(rows), (name, sorted(rows))
+        reference = rows[check.reference]
+        assert reference["status"] == "pass" and reference["value"] > 0.6, f"{name}: the built-in did not learn"
+        behind = {k: rows[k].get("value") for k in expected if rows[k]["status"] != "pass" or
+                  rows[k]["value"] < reference["value"]}
+        assert not behind, f"{name}: behind GaNDLF's {check.reference} ({reference['value']:.3f}): {behind}"
+
+
+def test_markdown_is_rendered_from_the_json():
+    assert (ROOT / "docs" / "conformance.md").read_text() == SCRIPT.render(DATA)
+
+
+# A representative slice, re-run: a lifted family per dimension and final layer kind, the refusal, the logits
+# inference without ground truth, ONNX export, and a last batch of one sample.
+SLICE = [
+    ("dimlift_smp", "seg3d-softmax"), ("dimlift_omnianet", "seg2d-sigmoid"), ("dimlift_dxnet", "seg3d-batch2-odd"),
+    ("dimlift_dxnet", "seg3d-identity"), ("dimlift_slice_attention", "cls3d-logits-infer"),
+    ("dimlift_smp", "cls3d-optimize"),
+]
+
+
+@pytest.fixture(scope="module")
+def gandlf_data(tmp_path_factory):
+    return SCRIPT.write_gandlf_test_data(tmp_path_factory.mktemp("gandlf_data"))["3d_rad_segmentation"].parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("architecture", "flow"), SLICE)
+def test_representative_slice_still_conforms(architecture, flow, gandlf_data, tmp_path):
+    committed = next(r for r in DATA["flows"] if (r["architecture"], r["flow"]) == (architecture, flow))
+    now = SCRIPT._in_subprocess("flow", architecture, flow, gandlf_data, tmp_path / "work", timeout=900)
+    assert now["status"] == committed["status"], now.get("message")
+    if now["status"] == "refused":
+        assert now["message"] == committed["message"]
