@@ -4,8 +4,8 @@ GaNDLF 0.1.5's entry points configure logging with `logging.config.dictConfig`, 
 `disable_existing_loggers=True` silences every logger that exists at that moment: every `gandlf_dimlift.*` module
 logger, since the plugin is imported together with `GANDLF.models`, and the `py.warnings` logger that
 `logging.captureWarnings` routes Python warnings to. So `warnings.warn` never reaches a `gandlf_run` user, and
-neither would the module loggers. `logger(name)` returns a module's logger and re-enables the package's loggers;
-GaNDLF's handlers then print INFO on stdout, WARNING and above on stderr, and everything in its log file.
+neither would the module loggers. The model builder calls `enable()` before it speaks; GaNDLF's handlers then
+print INFO on stdout, WARNING and above on stderr, and everything in its log file.
 """
 
 from __future__ import annotations
@@ -21,8 +21,3 @@ def enable() -> None:
         if (name == PACKAGE or name.startswith(PACKAGE + ".")) and isinstance(candidate, logging.Logger):
             candidate.disabled = False
 
-
-def logger(name: str) -> logging.Logger:
-    """The logger of module `name`, enabled (call at the moment of speaking, not at import)."""
-    enable()
-    return logging.getLogger(name)

@@ -179,26 +179,6 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     return WeightsFile(path, state_dict, architecture, dimension)
 
 
-def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
-    """Loads every tensor of `module` from `state_dict[prefix + name]`, requiring names and shapes to match."""
-    own = module.state_dict()
-    wanted = {prefix + k: v for k, v in own.items()}
-    missing = sorted(k for k in wanted if k not in state_dict)
-    mismatched = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in wanted.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    )
-    if missing or mismatched:
-        shown = [f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}"] if missing else []
-        details = "; ".join(shown + mismatched[:5])
-        raise WeightsError(
-            f"The weights in {source} do not fit this model ({len(missing)} missing, {len(mismatched)} of another "
-            f"shape: {details}). Check that the file comes from the same architecture and options."
-        )
-    module.load_state_dict({k: state_dict[prefix + k] for k in own})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One loader for every weights file a `pretrained:` option may name.
 

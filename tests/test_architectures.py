@@ -81,3 +81,34 @@ def test_architecture_contract(key, example):
     twin.eval()
     with torch.no_grad():
         assert torch.allclose(model(x), twin(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("key,example", list(_examples()))
+def test_weight_transfer(key, example, tmp_path):
+    """One weights loader for every architecture: a GaNDLF checkpoint of the same model loads whole, and a state
+    dict of its encoder alone (as a pretrained 2D classifier is) loads the encoder and nothing else."""
+    from GANDLF.models import get_model
+
+    from gandlf_dimlift.registry import registered
+
+    architecture = registered()[key].builder
+    parameters = _parameters(key, example)
+    torch.manual_seed(0)
+    source = get_model(parameters)
+    checkpoint = tmp_path / f"{key}_best.pth.tar"
+    torch.save({"model_state_dict": source.state_dict(),
+                "parameters": {"model": {"architecture": key, "dimension": example.dimension}}}, checkpoint)
+    encoder_path = architecture.parts(source).encoder
+    encoder_file = tmp_path / "encoder.pth"
+    torch.save(source.get_submodule(encoder_path).state_dict(), encoder_file)
+
+    torch.manual_seed(1)
+    whole = get_model({**parameters, "model": {**parameters["model"], "pretrained": str(checkpoint)}})
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in whole.state_dict().items())
+    torch.manual_seed(1)
+    encoder_only = get_model({**parameters, "model": {**parameters["model"], "pretrained": str(encoder_file)}})
+    loaded = encoder_only.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if k.startswith(encoder_path + "."))
+    rest = [k for k, v in source.state_dict().items() if not k.startswith(encoder_path + ".") and v.is_floating_point()
+            and v.numel() > 1 and not torch.equal(v, torch.zeros_like(v)) and not torch.equal(v, torch.ones_like(v))]
+    assert rest and any(not torch.equal(loaded[k], source.state_dict()[k]) for k in rest)
