@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import SimpleITK as sitk
@@ -52,19 +55,42 @@ def test_config_is_rejected_when_the_hook_is_disabled(tmp_path):
     assert not (tmp_path / "model" / "dimlift_smp_best.pth.tar").exists()
 
 
-@pytest.mark.parametrize(
-    "options,message",
-    [
-        ({"encoder_nme": "resnet34"},
-         "model.encoder_nme is not an option of dimlift_smp; did you mean model.encoder_name?"),
-        ({"converter_type": "acss"}, "is not allowed; choose one of ['acs', 'soft', 'mean', 'inflate'"),
-    ],
-)
-def test_misspelt_option_and_bad_value_stop_before_training(tmp_path, options, message):
-    csv = write_dataset(tmp_path / "data", "classification", n_subjects=2)
-    config = make_config("dimlift_smp", "classification", model_options={**SMALL, **options})
+@pytest.mark.slow
+def test_the_user_sees_the_initialisation_and_ignored_keys_on_the_console_and_in_gandlfs_log(tmp_path):
+    csv = write_dataset(tmp_path / "data", "classification", n_subjects=4)
+    config = make_config("dimlift_smp", "classification", model_options={**SMALL, "encoder_depht_typo_far": 1})
+    result = run_gandlf(config, csv, tmp_path / "model")
+    told = "dimlift_smp: 3D classification model, random initialisation (pretrained: false), lifted 2D -> 3D by acs."
+    ignored = "model.encoder_depht_typo_far is neither a GaNDLF key nor an option of dimlift_smp; it is ignored."
+    assert told in result.stdout and ignored in result.stdout, result.stdout[-3000:]
+    log = Path(re.search(r"The logs are saved in (\S+\.log)", result.stdout).group(1))
+    assert told in log.read_text() and ignored in log.read_text()
+
+
+BAD = {
+    "typo": ({"encoder_nme": "resnet34"}, "model.encoder_nme is not an option of dimlift_smp; did you mean "
+                                          "model.encoder_name?"),
+    "value": ({"converter_type": "acss"}, "is not allowed; choose one of ['acs', 'soft', 'mean', 'inflate'"),
+    "channels": ({"num_channels": 3}, "model.num_channels is 3 but the data CSV has 1 channel column: set "
+                                      "model.num_channels: 1"),
+    "no-channels": ({"num_channels": 0}, "model.num_channels = 0: give the number of input channels"),
+    "one-class": ({"class_list": [1]}, "model.class_list = [1] has 1 class; classification needs at least two"),
+    "2d-option": ({"dimension": 2, "converter_type": "inflate"}, "model.converter_type has no effect with "
+                                                                 "model.dimension: 2"),
+    "architecture": ({"architecture": "dimlift-smp"}, "did you mean 'dimlift_smp'?"),
+    "bottleneck": ({"encoder_depth": 5}, "dimlift_smp cannot train with patch_size [32, 32, 32]: a batch norm"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_configs_stop_before_training_with_the_fix_on_the_console(tmp_path, case):
+    options, message = BAD[case]
+    patch = (32, 32) if options.get("dimension") == 2 else (32, 32, 32)
+    csv = write_dataset(tmp_path / "data", "classification", n_subjects=2, shape=patch)
+    config = make_config("dimlift_smp", "classification", patch_size=patch, model_options={**SMALL, **options})
     result = run_gandlf(config, csv, tmp_path / "model", check=False)
     assert result.returncode != 0
-    assert message in result.stdout, result.stdout[-3000:]
+    assert message in " ".join(result.stdout.split()), result.stdout[-3000:]
     assert "Epoch 0" not in result.stdout
     assert not list((tmp_path / "model").glob("*.pth.tar"))

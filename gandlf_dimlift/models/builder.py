@@ -151,6 +151,11 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
         model = architecture.lift(model, spec, options)
     if source.dimension == 3:
         transferred = weights.transfer(model, source, architecture.parts(model), key, accepts)
+    # GaNDLF accepts only batch and instance for these architectures; an encoder keeps its pretrained norms
+    instance_norms = any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules())
+    if spec.norm_type == "instance" and not instance_norms:
+        logger.warning("%s: model.norm_type: instance has no layer to apply to in this %s model (an encoder keeps "
+                       "the batch norms its weights were trained with); it is ignored.", key, spec.problem_type)
     tolerate_single_sample_batches(model)
     check_single_sample_batches(model, spec, parameters.get("batch_size"), key, architecture.smaller_bottleneck)
     logger.info("%s: %s", key, describe_initialisation(spec, options, source, transferred, lifts))
