@@ -10,9 +10,10 @@ import difflib
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from gandlf_dimlift.options import ConfigError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NO_WEIGHTS = ("false", "none", "no", "")
 
@@ -82,17 +84,10 @@ def weight_tags(encoder_name: str) -> list[str]:
     return sorted(smp.encoders.encoders[encoder_name]["pretrained_settings"])
 
 
-def smp_encoder(name: str, in_channels: int = 3, depth: int = 5, weights: str | None = None) -> nn.Module:
-    """Builds an smp encoder through smp's own loader (download and cache), with a clear error offline.
-
-    Args:
-        name: smp encoder name (`tu-` for timm universal encoders).
-        in_channels: Input channels; smp adapts the first convolution (sum of RGB kernels for one channel).
-        depth: Encoder depth (number of downsampling stages).
-        weights: A weight tag (e.g. 'imagenet') or None for random initialisation.
-    """
-    import segmentation_models_pytorch as smp
-
+def with_encoder_weights(name: str, weights: str | None, build: Callable[[], T]) -> T:
+    """Runs `build()`, which makes smp load encoder `name` with the weight tag `weights` (download and cache),
+    after checking the name and the tag; a failure to get the weights becomes a clear error saying how to provide
+    them offline."""
     message = check_encoder_name(name)
     if message:
         raise ConfigError(f"encoder_name = {name!r}: {message}")
@@ -102,11 +97,26 @@ def smp_encoder(name: str, in_channels: int = 3, depth: int = 5, weights: str | 
             "or give a weights file path, or false."
         )
     try:
-        return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights)
+        return build()
     except Exception as error:  # offline, a corrupt cache file, a hub error: all mean "weights not available"
         if weights is None:
             raise
         raise WeightsError(_missing_weights_message(name, weights, error)) from error
+
+
+def smp_encoder(name: str, in_channels: int = 3, depth: int = 5, weights: str | None = None) -> nn.Module:
+    """Builds an smp encoder through smp's own loader, with a clear error offline (`with_encoder_weights`).
+
+    Args:
+        name: smp encoder name (`tu-` for timm universal encoders).
+        in_channels: Input channels; smp adapts the first convolution (sum of RGB kernels for one channel).
+        depth: Encoder depth (number of downsampling stages).
+        weights: A weight tag (e.g. 'imagenet') or None for random initialisation.
+    """
+    import segmentation_models_pytorch as smp
+
+    return with_encoder_weights(
+        name, weights, lambda: smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights))
 
 
 def _missing_weights_message(name: str, weights: str, error: Exception) -> str:

@@ -117,18 +117,14 @@ def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -> Sm
     import segmentation_models_pytorch as smp
 
     name, depth = options["encoder_name"], options["encoder_depth"]
-    encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=depth, weights=weight_tag)
     if spec.problem_type == "segmentation":
-        net = getattr(smp, DECODERS[options["decoder_name"]])(
-            encoder_name=name,
-            encoder_weights=None,
-            in_channels=spec.in_channels,
-            classes=spec.n_outputs,
-            **_decoder_arguments(options),
-        )
-        net.encoder.load_state_dict(encoder.state_dict())
+        arguments = _decoder_arguments(options)
+        net = weights.with_encoder_weights(name, weight_tag, lambda: getattr(smp, DECODERS[options["decoder_name"]])(
+            encoder_name=name, encoder_weights=weight_tag, in_channels=spec.in_channels, classes=spec.n_outputs,
+            **arguments))
         apply_norm_type(net.decoder, spec)  # the encoder keeps its own (pretrained) norms
     else:
+        encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=depth, weights=weight_tag)
         head = PoolingHead(encoder.out_channels[-1], spec.n_outputs, options["pooling"], options["dropout"])
         net = EncoderClassifier(encoder, head)
     return SmpModel(net, spec)
