@@ -115,7 +115,7 @@ def run(command: Sequence[str], *, check: bool = True, quiet: bool = False, log:
     else:
         result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL)
-        if not quiet and result.stdout.strip():
+        if not quiet and result.stdout.strip() and not (check and result.returncode):  # a failure shows its tail
             for line in result.stdout.rstrip().splitlines():
                 say(f"      {line}")
     if check and result.returncode != 0:
@@ -495,8 +495,7 @@ def build_wheel(plan: Plan) -> str:
     shutil.rmtree(source, ignore_errors=True)
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
                                                                 "tests", "benchmarks", "docs", ".ci"))
-    run([plan.python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(context / "dist"),
-         str(source)])
+    run([plan.python, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(context / "dist"), str(source)])
     shutil.rmtree(source, ignore_errors=True)
     wheels = sorted((context / "dist").glob("gandlf_dimlift-*.whl"))
     if len(wheels) != 1:
@@ -535,10 +534,11 @@ def resolve_torch_index(plan: Plan) -> str:
 
 
 def standin_build(plan: Plan, builder: Builder, tag: str, target: str | None = None) -> None:
-    args = {"OS_IMAGE": plan.os_image, "GANDLF_VERSION": plan.gandlf_version,
-            "TORCH_INDEX_URL": plan.torch_index or ""}
-    mounts = []
-    if plan.ca_bundle:
+    """Builds the stand-in (or, with target="python", its first stage: no GaNDLF, no network but apt's)."""
+    args, mounts = {"OS_IMAGE": plan.os_image}, []
+    if target is None:
+        args |= {"GANDLF_VERSION": plan.gandlf_version, "TORCH_INDEX_URL": plan.torch_index or ""}
+    if plan.ca_bundle and target is None:
         args["CA_BUNDLE"] = CA_INSIDE
         mounts.append(f"{Path(plan.ca_bundle).resolve()}:{CA_INSIDE}:ro")
     empty = plan.work / "empty-context"
@@ -643,8 +643,9 @@ def measure_layer(plan: Plan, builder: Builder) -> str:
         raise StepFailed(f"{plan.tag} does not start with the layers of {plan.deployed_image}")
     added = image[len(base):]
     wheel = next((plan.work / "context" / "dist").glob("gandlf_dimlift-*.whl"))
-    for size, created_by in added:
-        say(f"    {human(size):>10}  {' '.join(created_by.split())[:140]}")
+    for size, created_by in added:  # the instruction without the build arguments and shell buildah prefix
+        instruction = " ".join(created_by.split("/bin/sh -c ", 1)[-1].replace("#(nop) ", "").split())
+        say(f"    {human(size):>10}  {instruction[:105]}{' ...' if len(instruction) > 105 else ''}")
     added_total, base_total = sum(s for s, _ in added), sum(s for s, _ in base)
     return (f"docker/Dockerfile added {len(added)} layers, {human(added_total)} (the wheel: "
             f"{human(wheel.stat().st_size)}); below them {human(base_total)}; image {human(base_total + added_total)}")
@@ -728,13 +729,14 @@ def bad_input_checks(plan: Plan, builder: Builder) -> str:
             name = "bad-base-" + base.rsplit("/", 1)[-1].replace(":", "-")
             result = builder.build(DOCKERFILE, plan.work / "context", f"{IMAGE_PREFIX}/must-fail:check",
                                    {"BASE_IMAGE": base}, plan.log(name), check=False)
-            message = next((line for line in result.stdout.splitlines() if "layer check FAILED" in line), "")
+            message = next((line for line in result.stdout.splitlines()
+                            if line.startswith("gandlf-dimlift layer check FAILED")), "")
             if result.returncode == 0 or expected not in message:
                 raise StepFailed(f"the layer FROM {base} should fail naming '{expected}'; exit "
                                  f"{result.returncode}, see {plan.log(name)}")
             say(f"    FROM {base}: the build failed (exit {result.returncode}): {message.strip()}")
     finally:
-        for image in (f"{IMAGE_PREFIX}/must-fail:check", other):
+        for image in (f"{IMAGE_PREFIX}/must-fail:check", other, plan.python_image):
             builder.remove_image(image)
     return f"{len(expectations)} bad bases refused by the layer's own checks"
 
