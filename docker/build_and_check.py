@@ -153,10 +153,10 @@ class Builder:
             if mounts:
                 raise StepFailed("docker build cannot mount host files into a build; run with --ca-bundle none "
                                  "or use --builder buildah.")
-            command = self.exe("build", "-f", str(dockerfile), "-t", tag, *arguments, str(context))
+            command = self.exe("build", "--force-rm", "-f", str(dockerfile), "-t", tag, *arguments, str(context))
         else:
             volumes = [f"--volume={m}" for m in mounts]
-            command = self.exe("bud", "--isolation=chroot", "--layers", "-f", str(dockerfile), "-t", tag,
+            command = self.exe("bud", "--isolation=chroot", "--layers", "--force-rm", "-f", str(dockerfile), "-t", tag,
                                *volumes, *arguments, str(context))
         return run(command, log=log, env=self.env, check=check)
 
