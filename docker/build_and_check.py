@@ -354,6 +354,7 @@ class Plan:
     plugin_version: str
     torch_index: str | None
     ca_bundle: str | None
+    ca_bundle_given: bool
     mirror: str
     python: str
     bad_input_checks: bool
@@ -410,6 +411,7 @@ def check_inputs(args: argparse.Namespace) -> Plan:
         plugin_version=version,
         torch_index=torch_index,
         ca_bundle=ca_bundle,
+        ca_bundle_given=args.ca_bundle not in (None, "none"),
         mirror=args.mirror,
         python=args.python,
         bad_input_checks=args.bad_input_checks,
@@ -479,6 +481,12 @@ def find_builder(plan: Plan, requested: str, env: dict[str, str], dry_run: bool)
             return f"none usable here: a real run needs {wanted}"
         raise StepFailed(f"no usable image builder: install {wanted} (Debian: apt-get install buildah podman "
                          "debootstrap), or start the Docker daemon.")
+    if builder.name == "docker" and plan.ca_bundle:
+        if plan.ca_bundle_given:
+            raise StepFailed("--ca-bundle needs buildah: docker build cannot mount a host file into a build. Give "
+                             "the Docker daemon's builds the network they need, and leave --ca-bundle out.")
+        say(f"    pip CA bundle {plan.ca_bundle} (from the environment) not used: docker build cannot mount it")
+        plan.ca_bundle = None
     if builder.name == "buildah":
         source = "written by this script: no ulimits, no cgroups" if own_conf else "from the environment"
         say(f"    CONTAINERS_CONF={env['CONTAINERS_CONF']} ({source})")

@@ -281,6 +281,19 @@ def test_builder_detection_uses_docker_only_when_its_daemon_answers(tmp_path):
     assert "a real run needs docker" in result.stdout
 
 
+def test_docker_builds_take_no_ca_bundle(tmp_path):
+    """docker build cannot mount a file: a bundle from the environment is left out, one asked for is an error."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not read in a dry run\n")
+    path = stub_tools(tmp_path / "bin", docker="echo 28.2.2")
+    from_env = build_script("--dry-run", "--work", str(tmp_path / "work"), path=path, env={"PIP_CERT": str(bundle)})
+    assert from_env.returncode == 0, from_env.stdout
+    assert f"pip CA bundle {bundle} (from the environment) not used: docker build cannot mount it" in from_env.stdout
+    given = build_script("--dry-run", "--work", str(tmp_path / "work"), "--ca-bundle", str(bundle), path=path)
+    assert given.returncode == 1
+    assert "step 'builder' failed: --ca-bundle needs buildah" in given.stdout
+
+
 def test_build_script_without_a_builder_stops_at_the_builder_step(tmp_path):
     """A real (not dry) run on a machine with neither builder stops at its second step, naming it and the fix."""
     path = stub_tools(tmp_path / "bin")  # neither docker nor buildah
