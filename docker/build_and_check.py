@@ -48,6 +48,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -99,19 +100,23 @@ def command_text(command: Sequence[str]) -> str:
 
 
 def run(command: Sequence[str], *, check: bool = True, quiet: bool = False, log: Path | None = None,
-        env: dict[str, str] | None = None, stdin_file=None) -> subprocess.CompletedProcess:
-    """Runs a command, output merged; with `log` it goes to that file, else it is captured (and echoed unless quiet).
+        env: dict[str, str] | None = None, stdin_file: IO[bytes] | None = None) -> subprocess.CompletedProcess:
+    """Runs a command, output merged; with `log` it is appended to that file, else captured (and echoed unless quiet).
 
-    With `check`, a non-zero exit raises StepFailed with the command and the end of its output.
+    The result's stdout is this command's output only. With `check`, a non-zero exit raises StepFailed with the
+    command and the end of its output.
     """
     say(f"    $ {command_text(command)}")
     if log is not None:
         with open(log, "a") as handle:
             handle.write(f"$ {command_text(command)}\n")
             handle.flush()
+            offset = handle.tell()  # earlier runs' output in the same log must not count
             result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, text=True, env=env,
                                     stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL)
-        result.stdout = log.read_text()
+        with open(log, "rb") as handle:
+            handle.seek(offset)
+            result.stdout = handle.read().decode(errors="replace")
     else:
         result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL)
@@ -146,7 +151,9 @@ class Builder:
                               env=self.env).returncode == 0
 
     def build(self, dockerfile: Path, context: Path, tag: str, build_args: dict[str, str], log: Path,
-              target: str | None = None, mounts: Sequence[str] = (), check: bool = True, no_cache: bool = False):
+              target: str | None = None, mounts: Sequence[str] = (), check: bool = True,
+              no_cache: bool = False) -> subprocess.CompletedProcess:
+        """Builds `dockerfile` in `context` as `tag`; `mounts` are buildah `--volume` specs for the build only."""
         arguments = [f"--build-arg={k}={v}" for k, v in build_args.items()]
         arguments += ([f"--target={target}"] if target else []) + (["--no-cache"] if no_cache else [])
         if self.name == "docker":
@@ -800,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"\nRESULT: dry run OK: the inputs are valid; a real run builds {plan.tag} with {builder}")
             return 0
         builder = plan.builder
-        plan.log("").parent.mkdir(parents=True, exist_ok=True)
+        (plan.work / "logs").mkdir(parents=True, exist_ok=True)
         steps("wheel", lambda: build_wheel(plan))
         steps("os-image", lambda: make_os_image(plan, builder))
         steps("gandlf-image", lambda: build_gandlf_image(plan, builder))
