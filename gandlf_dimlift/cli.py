@@ -385,13 +385,22 @@ def _failure_message(error: BaseException) -> str:
     if module.startswith("gandlf_dimlift") or isinstance(error, CommandError):
         return str(error)
     if isinstance(error, ImportError):
-        name = getattr(error, "name", None) or "a dependency"
+        name = getattr(error, "name", None) or _raising_package(error) or "a dependency"
         return (f"cannot import {name} ({type(error).__name__}: {' '.join(str(error).split())}); the installation is "
                 "broken: run `gandlf-dimlift doctor` to see which package.")
     if isinstance(error, OSError):
         return f"{type(error).__name__}: {error}"
     text = " ".join(str(error).split())[:600]
     return f"{type(error).__name__}: {text} (unexpected: rerun with --debug for the traceback and report it)"
+
+
+def _raising_package(error: BaseException) -> str | None:
+    """The top-level package whose code raised `error` (a package that fails inside its own import)."""
+    traceback, name = error.__traceback__, None
+    while traceback is not None:
+        name = traceback.tb_frame.f_globals.get("__name__", name)
+        traceback = traceback.tb_next
+    return name.split(".")[0] if name and name != "__main__" else None
 
 
 def main(argv: list[str] | None = None) -> int:
