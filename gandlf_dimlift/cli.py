@@ -298,8 +298,8 @@ def _full_checks(report: _Report, process: subprocess.Popen) -> None:
     report.check("registration", bool(first["keys"]), f"{' '.join(first['keys']) or 'no plugin key registered'} "
                  f"(GANDLF.models imported in {first['seconds']} s)")
     for record in records[1:]:
-        report.check(f"build {record['build']}", record["ok"], f"{record['detail']} ({record['seconds']} s: "
-                     "GaNDLF's config validation and get_model on the demo config)")
+        report.check("model build", record["ok"], f"{record['build']}: {record['detail']} ({record['seconds']} s: "
+                     "GaNDLF's config validation and get_model on its demo config)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,8 +50,10 @@ def test_doctor_full_registers_through_gandlf_and_builds_every_demo_model():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line[:22].strip(): line[22:] for line in result.stdout.splitlines()}
     assert lines["registration"].split()[0] == "ok" and "dimlift_slice_attention" in lines["registration"]
-    for key in ("dimlift_smp", "dimlift_dxnet", "dimlift_omnianet", "dimlift_slice_attention"):
-        assert lines[f"build {key}"].split()[0] == "ok" and "M parameters" in lines[f"build {key}"]
+    builds = [line.split(None, 3)[2:] for line in result.stdout.splitlines() if line.startswith("model build ")]
+    assert sorted(detail.split(":")[0] for mark, detail in builds) == [
+        "dimlift_dxnet", "dimlift_omnianet", "dimlift_slice_attention", "dimlift_smp"]
+    assert all(mark == "ok" and "M parameters" in detail for mark, detail in builds), builds
 
 
 def test_doctor_fails_when_a_plugin_is_broken(tmp_path):
