@@ -49,16 +49,22 @@ def register_after_import() -> None:
         pass
 
 
+def failures_by_cause(failures) -> dict[tuple[str, str], list[str]]:
+    """Groups `(key, distribution, error)` load failures by (distribution, error): one cause, one report line."""
+    causes: dict[tuple[str, str], list[str]] = {}
+    for key, distribution, error in failures:
+        causes.setdefault((distribution, error), []).append(key)
+    return causes
+
+
 def _failure_lines() -> list[str]:
     """The registry's load failures, one line per distinct cause (naming every architecture it took out)."""
     registry = sys.modules.get("gandlf_dimlift.registry")
-    causes: dict[tuple[str, str], list[str]] = {}
-    for failure in getattr(registry, "failures", ()):
-        causes.setdefault((failure.distribution, failure.error), []).append(failure.key)
+    failures = [(f.key, f.distribution, f.error) for f in getattr(registry, "failures", ())]
     return [
         f"architecture{'s' if len(keys) > 1 else ''} {', '.join(repr(k) for k in keys)} of distribution "
         f"{distribution!r} failed to load and {'are' if len(keys) > 1 else 'is'} skipped: {error}"
-        for (distribution, error), keys in causes.items()
+        for (distribution, error), keys in failures_by_cause(failures).items()
     ]
 
 

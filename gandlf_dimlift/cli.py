@@ -36,6 +36,7 @@ def command_list(args: argparse.Namespace) -> int:
     """Prints every plugin architecture of the `gandlf.models` group with its declared options."""
     import warnings
 
+    from gandlf_dimlift._startup import failures_by_cause
     from gandlf_dimlift.options import Architecture
     from gandlf_dimlift.registry import failures, load_entries
 
@@ -54,9 +55,7 @@ def command_list(args: argparse.Namespace) -> int:
         else:
             print("  (options not declared by this plugin)")
         print()
-    causes: dict[tuple[str, str], list[str]] = {}
-    for failure in failures:
-        causes.setdefault((failure.distribution, failure.error), []).append(failure.key)
+    causes = failures_by_cause((f.key, f.distribution, f.error) for f in failures)
     for (distribution, error), keys in causes.items():
         print(f"{', '.join(keys)}  (from {distribution})  FAILED TO LOAD: {error}")
     if causes:
@@ -189,9 +188,7 @@ class _Report:
 
 def command_doctor(args: argparse.Namespace) -> int:
     """Prints a report of the installation; exits 1 when something is broken."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from gandlf_dimlift import __version__, _startup
+    from gandlf_dimlift import __version__
 
     started = time.perf_counter()
     processes = {label: _start_probe(code) for label, code in PROBES.items()}
@@ -203,6 +200,36 @@ def command_doctor(args: argparse.Namespace) -> int:
 
     report = _Report()
     report.lines.append(f"gandlf-dimlift  {__version__}  (Python {sys.version.split()[0]}, {sys.executable})")
+    hub_dir = _package_checks(report, results)
+    _hook_checks(report, results["startup hook"])
+    _plugin_checks(report, results["plugin architectures"])
+    if full is not None:
+        _full_checks(report, full)
+    else:
+        report.lines.append(f"{'registration':<22} {'skipped':<8} importing all of GaNDLF as gandlf_run does takes "
+                            "10-30 s: `gandlf-dimlift doctor --full` runs it and builds every demo model")
+    if hub_dir is not None:
+        cache = hub_dir / "checkpoints"
+        cached = sorted(p.name for p in cache.glob("*")) if cache.is_dir() else []
+        listed = f": {', '.join(cached[:5])}" if cached else ""
+        report.check("weights cache", True, f"{cache} ({len(cached)} files{listed})")
+    hub_thread.join(timeout=5)
+    if hub and hub[0] is None:
+        report.check("model hub", True, f"{HUB_HOST[0]} reachable", fatal=False)
+    else:
+        why = hub[0] if hub else "no answer within 5 s"
+        report.check("model hub", False, f"{HUB_HOST[0]} unreachable ({why}); pretrained tags need files in the "
+                     "cache or pretrained: <path>", fatal=False)
+    print("\n".join(report.lines))
+    status = f"BROKEN ({', '.join(report.broken)})" if report.broken else "ok"
+    print(f"\nstatus: {status}  ({time.perf_counter() - started:.1f} s)")
+    return 1 if report.broken else 0
+
+
+def _package_checks(report: _Report, results: dict[str, tuple[bool, list[str]]]) -> Path | None:
+    """numpy, SimpleITK, torch (and CUDA), GaNDLF; returns torch's hub folder when torch works."""
+    from importlib.metadata import PackageNotFoundError, version
+
     for package in ("numpy", "SimpleITK"):
         ok, out = results[package]
         report.check(package, ok, out[0] if ok else f"cannot be imported: {out[0]}; reinstall it "
@@ -226,14 +253,21 @@ def command_doctor(args: argparse.Namespace) -> int:
     elif not ok:
         report.check("GaNDLF", False, f"{installed} installed but cannot be imported: {out[0]}; "
                      "pip install --force-reinstall gandlf==0.1.5")
+    elif installed != "0.1.5":
+        report.check("GaNDLF", False, f"{installed}; gandlf-dimlift needs 0.1.5: pip install gandlf==0.1.5")
     else:
-        report.check("GaNDLF", installed == "0.1.5", f"{installed} (package import only; `--full` imports all of it)"
-                     if installed == "0.1.5" else f"{installed}; gandlf-dimlift needs 0.1.5: pip install gandlf==0.1.5")
+        report.check("GaNDLF", True, f"{installed} (package import only; `--full` imports all of it)")
+    return hub_dir
+
+
+def _hook_checks(report: _Report, result: tuple[bool, list[str]]) -> None:
+    """The .pth file, and whether it arms the hook in a fresh interpreter."""
+    from gandlf_dimlift import _startup
 
     hook_files = _hook_files()
     report.check("startup hook file", bool(hook_files), str(hook_files[0]) if hook_files else
                  "gandlf_dimlift_hook.pth is missing from site-packages; reinstall with pip install gandlf-dimlift")
-    ok, out = results["startup hook"]
+    ok, out = result
     finders = out[0].split() if ok and out else []
     if _startup.disabled():
         report.check("startup hook", False, f"{_startup.DISABLE_VARIABLE} is set: call gandlf_dimlift.register() "
@@ -247,45 +281,24 @@ def command_doctor(args: argparse.Namespace) -> int:
         report.check("startup hook", False, "not armed in a fresh interpreter (the .pth file is not processed); "
                      "reinstall with pip install gandlf-dimlift, or call gandlf_dimlift.register() before GaNDLF")
 
-    ok, out = results["plugin architectures"]
+
+def _plugin_checks(report: _Report, result: tuple[bool, list[str]]) -> None:
+    """Every `gandlf.models` entry point loads; failures one line per cause."""
+    from gandlf_dimlift._startup import failures_by_cause
+
+    ok, out = result
     if not ok:
         report.check("plugin architectures", False, f"the registry cannot load: {out[0]}")
-    else:
-        entries, failures = json.loads(out[0]), json.loads(out[1])
-        if entries:
-            report.check("plugin architectures", True, " ".join(sorted(key for key, _ in entries)))
-        causes: dict[tuple[str, str], list[str]] = {}
-        for key, distribution, error in failures:
-            causes.setdefault((distribution, error), []).append(key)
-        for (distribution, error), keys in causes.items():
-            verb = "fail" if len(keys) > 1 else "fails"
-            report.check("plugin architectures", False, f"{', '.join(keys)} of {distribution} {verb} to load: {error}")
-        if not entries and not failures:
-            report.check("plugin architectures", False, "no gandlf.models entry point is installed; reinstall "
-                         "gandlf-dimlift")
-
-    if full is not None:
-        _full_checks(report, full)
-    else:
-        report.lines.append(f"{'registration':<22} {'skipped':<8} importing all of GaNDLF as gandlf_run does takes "
-                            "10-30 s: `gandlf-dimlift doctor --full` runs it and builds every demo model")
-
-    if hub_dir is not None:
-        cache = hub_dir / "checkpoints"
-        cached = sorted(p.name for p in cache.glob("*")) if cache.is_dir() else []
-        listed = f": {', '.join(cached[:5])}" if cached else ""
-        report.check("weights cache", True, f"{cache} ({len(cached)} files{listed})")
-    hub_thread.join(timeout=5)
-    if hub and hub[0] is None:
-        report.check("model hub", True, f"{HUB_HOST[0]} reachable", fatal=False)
-    else:
-        why = hub[0] if hub else "no answer within 5 s"
-        report.check("model hub", False, f"{HUB_HOST[0]} unreachable ({why}); pretrained tags need files in the "
-                     "cache or pretrained: <path>", fatal=False)
-    print("\n".join(report.lines))
-    status = f"BROKEN ({', '.join(report.broken)})" if report.broken else "ok"
-    print(f"\nstatus: {status}  ({time.perf_counter() - started:.1f} s)")
-    return 1 if report.broken else 0
+        return
+    entries, failures = json.loads(out[0]), json.loads(out[1])
+    if entries:
+        report.check("plugin architectures", True, " ".join(sorted(key for key, _ in entries)))
+    for (distribution, error), keys in failures_by_cause(failures).items():
+        verb = "fail" if len(keys) > 1 else "fails"
+        report.check("plugin architectures", False, f"{', '.join(keys)} of {distribution} {verb} to load: {error}")
+    if not entries and not failures:
+        report.check("plugin architectures", False, "no gandlf.models entry point is installed; reinstall "
+                     "gandlf-dimlift")
 
 
 def _full_checks(report: _Report, process: subprocess.Popen) -> None:
