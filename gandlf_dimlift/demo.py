@@ -173,7 +173,8 @@ def run_demo(directory: Path, architecture: str = "dimlift_smp", epochs: int = 2
     runs = [DEMOS["dimlift_omnianet"], demo] if transfer else [demo]
     needs_slices = any(run.dimension == 2 for run in runs)
     explains = architecture == "dimlift_slice_attention"
-    steps = _Steps(1 + needs_slices + 2 * len(runs) - transfer + explains)
+    # data, slices when a run is 2D, one training per run, inference of the last run, explain for slice attention
+    steps = _Steps(1 + needs_slices + len(runs) + 1 + explains)
     lines = []
     try:
         csv_3d = steps.run(f"writing {SUBJECTS} synthetic 32^3 NIfTI volumes", write_dataset, directory / "data",
@@ -184,7 +185,7 @@ def run_demo(directory: Path, architecture: str = "dimlift_smp", epochs: int = 2
             table = steps.run("cutting the volumes into 2D slices (gandlf-dimlift slices)", cut_slices, csv_3d,
                               directory / "slices", axis="z", every=SLICE_EVERY, progress=False)
             csv_2d = table.csv
-            lines.append(f"2D slices:    {csv_2d} ({table.slices} slices, every {SLICE_EVERY}th along z; "
+            lines.append(f"2D slices:    {csv_2d} ({table.slices} slices, every {SLICE_EVERY}th slice along z; "
                          f"gandlf-dimlift slices -i {csv_3d} -o {csv_2d.parent} --axis z --every {SLICE_EVERY})")
         previous = None
         for run in runs:
