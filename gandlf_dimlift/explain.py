@@ -192,10 +192,13 @@ def _config_error_text(error: Exception) -> str:
 def _read_config(config_path: Path) -> dict:
     from GANDLF.config_manager import ConfigManager
 
+    logging.disable(logging.ERROR)  # GaNDLF logs each config error before raising it: the message below has them
     try:
         parameters = ConfigManager(str(config_path))
     except Exception as error:  # noqa: BLE001 - GaNDLF raises assertions and pydantic errors alike
         raise ExplainError(f"GaNDLF cannot read the config {config_path}: {_config_error_text(error)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     architecture = str(parameters["model"]["architecture"]).lower()
     if architecture != ARCHITECTURE_KEY:
         raise ExplainError(
@@ -312,6 +315,7 @@ def _prepare(config_path: Path, model_dir: Path, csv_path: Path, output_dir: Pat
     from GANDLF.models import get_model
 
     from gandlf_dimlift.models.slice_attention import SliceAttentionClassifier
+    from gandlf_dimlift.weights import WeightsError, load_matching
 
     _register_plugin()
     parameters = _read_config(config_path)
@@ -325,11 +329,10 @@ def _prepare(config_path: Path, model_dir: Path, csv_path: Path, output_dir: Pat
     if not isinstance(model, SliceAttentionClassifier):
         raise ExplainError(f"GaNDLF built a {type(model).__name__}, not a slice attention model.")
     try:
-        model.load_state_dict(checkpoint["model_state_dict"])
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise ExplainError(f"{checkpoint_file} does not fit the model {config_path} builds ({first}); give the "
-                           "config the model was trained with.") from None
+        load_matching(model, checkpoint["model_state_dict"], str(checkpoint_file))
+    except WeightsError as error:
+        raise ExplainError(f"{error} Give the config the model was trained with ({config_path} builds another "
+                           "model).") from None
     model.to(device).eval()
     logger.info("Loaded %s", checkpoint_file)
     return parameters, data, model, checkpoint_file
