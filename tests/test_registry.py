@@ -210,7 +210,7 @@ def test_a_broken_shared_model_module_is_one_line(tmp_path):
     common = copy / "gandlf_dimlift" / "models" / "common.py"
     common.write_text(common.read_text() + "\nraise ImportError('simulated broken shared module')\n")
     result = python("import GANDLF.models as m; print('KEYS', [k for k in m.global_models_dict if 'dimlift' in k])",
-                    {"PYTHONPATH": str(copy)})
+                    {"PYTHONPATH": str(copy)}, cwd=tmp_path)  # only the copy on the path, not this checkout
     assert "KEYS []" in result.stdout, result.stdout + result.stderr[-3000:]
     ours = [line for line in result.stderr.splitlines() if "gandlf-dimlift" in line or "gandlf_dimlift" in line]
     assert len(ours) == 1, result.stderr
