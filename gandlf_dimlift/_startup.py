@@ -49,7 +49,7 @@ def register_after_import() -> None:
         pass
 
 
-def failures_by_cause(failures) -> dict[tuple[str, str], list[str]]:
+def failures_by_cause(failures: list[tuple[str, str, str]]) -> dict[tuple[str, str], list[str]]:
     """Groups `(key, distribution, error)` load failures by (distribution, error): one cause, one report line."""
     causes: dict[tuple[str, str], list[str]] = {}
     for key, distribution, error in failures:

@@ -55,7 +55,7 @@ def command_list(args: argparse.Namespace) -> int:
         else:
             print("  (options not declared by this plugin)")
         print()
-    causes = failures_by_cause((f.key, f.distribution, f.error) for f in failures)
+    causes = failures_by_cause([(f.key, f.distribution, f.error) for f in failures])
     for (distribution, error), keys in causes.items():
         print(f"{', '.join(keys)}  (from {distribution})  FAILED TO LOAD: {error}")
     if causes:
