@@ -3,9 +3,10 @@
 The tool does what `gandlf_run` inference does up to the forward pass: it reads the GaNDLF config, parses the data
 CSV with GaNDLF's own parser, builds the dataset with GaNDLF's `ImagesFromDataFrame` (the config's preprocessing,
 no augmentation), builds the model with `GANDLF.models.get_model` and loads `<architecture>_best.pth.tar` (else
-`_latest`) from the model directory with GaNDLF's `load_model`. Then, per subject, it runs the model once on the
-whole preprocessed volume (the slice pooling does not depend on the number of slices, so every slice gets a weight
-even when training used smaller patches) and writes:
+`_latest`) from the model directory tensors-only (`gandlf_dimlift.weights.load_tensors_file`: unlike GaNDLF's
+`load_model`, nothing in the file can run code). Every input is checked before anything is written. Then, per
+subject, it runs the model once on the whole preprocessed volume (the slice pooling does not depend on the number
+of slices, so every slice gets a weight even when training used smaller patches) and writes:
 
 - `slice_weights.csv`: subject, view, slice_index, weight, prediction (one row per slice and view);
 - `<subject>_slice_weights.png`: per view, the weight curve beside the top-weighted slices;
@@ -22,15 +23,19 @@ input's origin, spacing and direction.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import csv
+import io
 import logging
 import os
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +66,6 @@ def _checkpoint_path(model_dir: Path, architecture: str) -> Path:
         f"No trained model in {model_dir}: looked for {[c.name for c in candidates]}. Give the `-m` directory that "
         "`gandlf_run` trained into (for nested cross-validation, one fold's directory)."
     )
-
-
-def _safe_name(subject: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in subject) or "subject"
 
 
 def _weights_volume(weights: dict[str, np.ndarray], shape: tuple[int, int, int], view: str | None) -> np.ndarray:
@@ -98,6 +99,7 @@ def weights_image(volume: np.ndarray, preprocessed_affine: np.ndarray, input_pat
         input_path: The input image file whose geometry the result takes.
     """
     import SimpleITK as sitk
+    import torch
     import torchio
 
     reader = sitk.ImageFileReader()
@@ -173,10 +175,30 @@ def plot_subject(
     plt.close(figure)
 
 
+def _config_error_text(error: Exception) -> str:
+    """GaNDLF's config errors, short: pydantic's per-field messages, or the cause inside its assertion text."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()[:5])
+        except Exception:  # noqa: BLE001 - fall back to the text
+            pass
+    text = str(error)
+    if "Exception: " in text:
+        text = text.split("Exception: ", 1)[1]
+    return " ".join(text.split("Traceback")[0].split()).rstrip(",")[:500]
+
+
 def _read_config(config_path: Path) -> dict:
     from GANDLF.config_manager import ConfigManager
 
-    parameters = ConfigManager(str(config_path))
+    logging.disable(logging.ERROR)  # GaNDLF logs each config error before raising it: the message below has them
+    try:
+        parameters = ConfigManager(str(config_path))
+    except Exception as error:  # noqa: BLE001 - GaNDLF raises assertions and pydantic errors alike
+        raise ExplainError(f"GaNDLF cannot read the config {config_path}: {_config_error_text(error)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     architecture = str(parameters["model"]["architecture"]).lower()
     if architecture != ARCHITECTURE_KEY:
         raise ExplainError(
@@ -189,16 +211,36 @@ def _read_config(config_path: Path) -> dict:
     return parameters
 
 
-def _add_data(parameters: dict, csv_path: Path, output_dir: Path, checkpoint: dict) -> dict:
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint, loaded tensors-only; a file that is no GaNDLF checkpoint is an ExplainError."""
+    from gandlf_dimlift.weights import load_tensors_file
+
+    checkpoint = load_tensors_file(path)
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise ExplainError(f"{path} is not a GaNDLF checkpoint (no model_state_dict); give the -m folder that "
+                           "gandlf_run trained into.")
+    return checkpoint
+
+
+def _add_data(parameters: dict, csv_path: Path, checkpoint: dict) -> dict:
+    import tempfile
+
     from GANDLF.utils import parseTestingCSV, populate_header_in_parameters
 
-    parameters["output_dir"] = str(output_dir)
-    _, data, headers = parseTestingCSV(str(csv_path), str(output_dir))
+    # GaNDLF writes its subject-ID mapping files next to the data it parses: keep them out of the output folder.
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            _, data, headers = parseTestingCSV(str(csv_path), scratch)
+        except Exception as error:  # noqa: BLE001 - pandas and GaNDLF's assertions
+            raise ExplainError(f"GaNDLF cannot read the data CSV {csv_path}: {type(error).__name__}: {error}") from None
     if not headers["channelHeaders"] or headers["subjectIDHeader"] is None:
         raise ExplainError(
             f"{csv_path} needs a subject ID column and at least one image column (names containing 'Channel', "
             f"'Image' or 'Modality'); its columns are {list(data.columns)}."
         )
+    for column in headers["channelHeaders"]:
+        for subject, image in zip(data.iloc[:, headers["subjectIDHeader"]], data.iloc[:, column], strict=True):
+            _check_volume(csv_path, subject, str(image), str(data.columns[column]))
     parameters = populate_header_in_parameters(parameters, headers)
     # The CSV of an explanation need not have ValueToPredict columns; the problem and the number of outputs are
     # those the model was trained for.
@@ -217,6 +259,104 @@ def _add_data(parameters: dict, csv_path: Path, output_dir: Path, checkpoint: di
     return parameters
 
 
+def _check_volume(csv_path: Path, subject: Any, image: str, column: str) -> None:
+    """Raises ExplainError unless `image` is a readable 3D image."""
+    import SimpleITK as sitk
+
+    where = f"{csv_path}: subject {subject}'s image {image} (column {column})"
+    if not Path(image).is_file():
+        raise ExplainError(f"{where} does not exist.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(image)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ExplainError(f"{where} is not an image SimpleITK can read.") from None
+    size = reader.GetSize()
+    if len(size) != 3 or min(size) < 2:
+        raise ExplainError(f"{where} is {list(size)} voxels; {ARCHITECTURE_KEY} explains 3D volumes.")
+
+
+def _check_paths(config_path: Path, model_dir: Path, csv_path: Path, output_dir: Path) -> None:
+    for path, what, flag in ((config_path, "config", "-c"), (csv_path, "data CSV", "-i")):
+        if not path.is_file():
+            raise ExplainError(f"The {what} {path} ({flag}) {'is a folder' if path.is_dir() else 'does not exist'}; "
+                               "give a file.")
+    if not model_dir.is_dir():
+        state = "is a file" if model_dir.exists() else "does not exist"
+        raise ExplainError(f"The model directory {model_dir} (-m) {state}; give the folder gandlf_run trained into.")
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExplainError(f"The output path {output_dir} (-o) is a file; give a folder (it is created if needed).")
+    if existing is not None and not existing.is_dir():
+        raise ExplainError(f"The output folder {output_dir} (-o) cannot be created: {existing} is a file.")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ExplainError(f"The output folder {output_dir} (-o) cannot be written: {existing} is not writable.")
+
+
+@contextlib.contextmanager
+def _gandlf_quiet() -> Iterator[None]:
+    """Sends GaNDLF's console chatter (import banners, the defaults it fills in, pandas deprecation warnings) to the
+    debug log, so the console shows the progress and what was written."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logger.debug("GaNDLF: %s", line)
+
+
+def _prepare(config_path: Path, model_dir: Path, csv_path: Path, output_dir: Path, device: str) -> tuple:
+    """Reads and checks the config, the checkpoint (tensors-only) and the CSV, and builds the model with the
+    checkpoint's weights; writes nothing. Returns (parameters, data frame, model, checkpoint file)."""
+    from GANDLF.models import get_model
+
+    from gandlf_dimlift.models.slice_attention import SliceAttentionClassifier
+    from gandlf_dimlift.weights import WeightsError, load_matching
+
+    _register_plugin()
+    parameters = _read_config(config_path)
+    checkpoint_file = _checkpoint_path(model_dir, ARCHITECTURE_KEY)
+    checkpoint = _read_checkpoint(checkpoint_file)
+    parameters = _add_data(parameters, csv_path, checkpoint)
+    parameters["output_dir"] = str(output_dir)
+    parameters["device"] = device
+    data = parameters.pop("data_frame")
+    model = get_model(parameters)
+    if not isinstance(model, SliceAttentionClassifier):
+        raise ExplainError(f"GaNDLF built a {type(model).__name__}, not a slice attention model.")
+    try:
+        load_matching(model, checkpoint["model_state_dict"], str(checkpoint_file))
+    except WeightsError as error:
+        raise ExplainError(f"{error} Give the config the model was trained with ({config_path} builds another "
+                           "model).") from None
+    model.to(device).eval()
+    logger.info("Loaded %s", checkpoint_file)
+    return parameters, data, model, checkpoint_file
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What `explain` wrote.
+
+    Attributes:
+        checkpoint: The checkpoint that was explained.
+        table: `slice_weights.csv`.
+        pictures: One PNG per subject.
+        volumes: The weight volumes (NIfTI), per subject one, plus one per view for `slice_axis: all`.
+        subjects: Number of subjects explained.
+    """
+
+    checkpoint: Path
+    table: Path
+    pictures: list[Path]
+    volumes: list[Path]
+    subjects: int
+
+
 def explain(
     config_path: str | os.PathLike,
     model_dir: str | os.PathLike,
@@ -224,8 +364,11 @@ def explain(
     output_dir: str | os.PathLike,
     device: str = "cpu",
     top_k: int = 3,
-) -> Path:
+) -> Explanation:
     """Writes slice weights (CSV), pictures (PNG) and weight volumes (NIfTI) for every subject of a CSV.
+
+    Every input is checked (config, checkpoint, CSV, image files, the model's fit) before the output folder is
+    created or anything is written.
 
     Args:
         config_path: The GaNDLF YAML the model was trained with.
@@ -235,50 +378,39 @@ def explain(
         device: torch device for the forward passes.
         top_k: Top-weighted slices shown per view in the pictures.
 
-    Returns:
-        The path of `slice_weights.csv`.
+    Raises:
+        ExplainError: A bad input, naming it and the fix.
+        gandlf_dimlift.weights.WeightsError: The checkpoint cannot be read tensors-only.
     """
-    from tqdm import tqdm
-
-    _register_plugin()
-    import torchio
-    from GANDLF.data import ImagesFromDataFrame
-    from GANDLF.models import get_model
-    from GANDLF.utils.modelio import load_model
-
-    from gandlf_dimlift.models.slice_attention import SliceAttentionClassifier
-
     config_path, model_dir, csv_path = Path(config_path), Path(model_dir), Path(csv_path)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for path, what in ((config_path, "config"), (csv_path, "data CSV"), (model_dir, "model directory")):
-        if not path.exists():
-            raise ExplainError(f"The {what} {path} does not exist.")
+    _check_paths(config_path, model_dir, csv_path, output_dir)
+    if top_k < 1:
+        raise ExplainError(f"--top-k {top_k}: show at least one slice per view.")
 
-    parameters = _read_config(config_path)
-    checkpoint_file = _checkpoint_path(model_dir, ARCHITECTURE_KEY)
-    checkpoint = load_model(str(checkpoint_file), torch.device(device))
-    parameters = _add_data(parameters, csv_path, output_dir, checkpoint)
-    parameters["device"] = device
-    data = parameters.pop("data_frame")
-    subject_ids = [str(s) for s in data.iloc[:, parameters["headers"]["subjectIDHeader"]]]
-    first_channel = data.iloc[:, parameters["headers"]["channelHeaders"][0]]
-    input_paths = {subject: str(path) for subject, path in zip(subject_ids, first_channel, strict=True)}
-    channel_keys = [str(c) for c in parameters["headers"]["channelHeaders"]]
+    import SimpleITK as sitk
+    import torch
+    import torchio
+    from tqdm import tqdm
 
-    model = get_model(parameters)
-    if not isinstance(model, SliceAttentionClassifier):
-        raise ExplainError(f"GaNDLF built a {type(model).__name__}, not a slice attention model.")
-    model.load_state_dict(checkpoint["model_state_dict"])
-    model.to(device).eval()
-    logger.info("Loaded %s", checkpoint_file)
+    from gandlf_dimlift.slices import safe_file_name
 
-    dataset = ImagesFromDataFrame(data.copy(), parameters, train=False, loader_type="explain")
+    with _gandlf_quiet():
+        parameters, data, model, checkpoint_file = _prepare(config_path, model_dir, csv_path, output_dir, device)
+        subject_ids = [str(s) for s in data.iloc[:, parameters["headers"]["subjectIDHeader"]]]
+        first_channel = data.iloc[:, parameters["headers"]["channelHeaders"][0]]
+        input_paths = {subject: str(path) for subject, path in zip(subject_ids, first_channel, strict=True)}
+        channel_keys = [str(c) for c in parameters["headers"]["channelHeaders"]]
+        from GANDLF.data import ImagesFromDataFrame
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dataset = ImagesFromDataFrame(data.copy(), parameters, train=False, loader_type="explain")
     class_list = [str(c) for c in parameters["model"].get("class_list") or []]
     is_classification = parameters["problem_type"] == "classification"
     scaling = float(parameters.get("scaling_factor", 1.0) or 1.0)
 
     csv_file = output_dir / "slice_weights.csv"
+    pictures, volumes = [], []
     with open(csv_file, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["subject", "view", "slice_index", "weight", "prediction"])
@@ -300,49 +432,38 @@ def explain(
                 for index, weight in enumerate(values):
                     writer.writerow([subject_id, view, index, f"{weight:.6g}", prediction])
 
-            name = _safe_name(subject_id)
+            name = safe_file_name(subject_id)
             array = image[0].numpy()
-            plot_subject(output_dir / f"{name}_slice_weights.png", subject_id, array, weights, prediction, top_k)
-            import SimpleITK as sitk
-
+            pictures.append(output_dir / f"{name}_slice_weights.png")
+            plot_subject(pictures[-1], subject_id, array, weights, prediction, top_k)
             affine = subject[channel_keys[0]].affine
             shape = tuple(array.shape)
-            sitk.WriteImage(
-                weights_image(_weights_volume(weights, shape, None), affine, input_paths[subject_id]),
-                str(output_dir / f"{name}_slice_weights.nii.gz"),
-            )
-            if len(weights) > 1:
-                for view in weights:
-                    sitk.WriteImage(
-                        weights_image(_weights_volume(weights, shape, view), affine, input_paths[subject_id]),
-                        str(output_dir / f"{name}_slice_weights_{view}.nii.gz"),
-                    )
-    return csv_file
+            views = [None] + (list(weights) if len(weights) > 1 else [])
+            for view in views:
+                volumes.append(output_dir / f"{name}_slice_weights{'' if view is None else '_' + view}.nii.gz")
+                volume = weights_image(_weights_volume(weights, shape, view), affine, input_paths[subject_id])
+                sitk.WriteImage(volume, str(volumes[-1]))
+    return Explanation(checkpoint_file, csv_file, pictures, volumes, len(pictures))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the `explain` arguments (same letters as `gandlf_run`)."""
-    parser.add_argument("-c", "--config", required=True, help="GaNDLF YAML the model was trained with.")
-    parser.add_argument("-m", "--modeldir", required=True, help="Model directory written by gandlf_run training.")
-    parser.add_argument("-i", "--inputdata", required=True, help="GaNDLF data CSV of the subjects to explain.")
-    parser.add_argument("-o", "--outputdir", required=True, help="Directory for slice_weights.csv, PNGs and NIfTIs.")
-    parser.add_argument("-d", "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu).")
-    parser.add_argument("--top-k", type=int, default=3, help="Top-weighted slices shown per view (default 3).")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs `explain` from parsed arguments; returns the exit status."""
-    path = explain(args.config, args.modeldir, args.inputdata, args.outputdir, device=args.device, top_k=args.top_k)
-    logger.info("Slice weights written to %s", path)
-    return 0
+def describe(result: Explanation) -> str:
+    """What `explain` wrote and where, for the console."""
+    folder = result.table.parent
+    lines = [
+        f"Explained {result.subjects} subject(s) with {result.checkpoint}; wrote into {folder}:",
+        f"  slice weights:  {result.table.name} (subject, view, slice_index, weight, prediction)",
+        f"  pictures:       {len(result.pictures)} PNG, <subject>_slice_weights.png (weight curve, top slices)",
+        f"  weight volumes: {len(result.volumes)} NIfTI, <subject>_slice_weights*.nii.gz in the input image's "
+        "geometry (open over the image in ITK-SNAP or 3D Slicer)",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m gandlf_dimlift.explain`), until `gandlf-dimlift explain` is wired."""
-    parser = argparse.ArgumentParser(prog="gandlf-dimlift explain", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run(parser.parse_args(argv))
+    """`python -m gandlf_dimlift.explain ...`: the same as `gandlf-dimlift explain ...`."""
+    from gandlf_dimlift.cli import main as cli_main
+
+    return cli_main(["explain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import difflib
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,14 +159,12 @@ class WeightsFile:
 
 
 def read_weights_file(path: str | Path) -> WeightsFile:
-    """Reads a state dict or a GaNDLF `<arch>_best.pth.tar` checkpoint (with its run's `parameters.pkl`)."""
+    """Reads a state dict or a GaNDLF `<arch>_best.pth.tar` checkpoint (with its run's `parameters.pkl`),
+    tensors-only: see `load_tensors_file`."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"The weights file {path} does not exist; set `pretrained:` to an existing file or false.")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise WeightsError(f"Could not read weights file {path}: {type(error).__name__}: {error}") from error
+    content = load_tensors_file(path)
     architecture = dimension = None
     if isinstance(content, dict) and "model_state_dict" in content:
         state_dict = content["model_state_dict"]
@@ -173,8 +172,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
         parameters = content.get("parameters")
         parameters_file = path.parent / "parameters.pkl"
         if not isinstance(parameters, dict) and parameters_file.is_file():
-            with open(parameters_file, "rb") as handle:
-                parameters = pickle.load(handle)
+            parameters = read_parameters_file(parameters_file)
         if isinstance(parameters, dict) and "model" in parameters:
             architecture = str(parameters["model"]["architecture"]).lower()
             dimension = int(parameters["model"]["dimension"])
@@ -187,6 +185,93 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     else:
         raise WeightsError(f"{path} holds neither a state dict nor a GaNDLF checkpoint ({type(content).__name__}).")
     return WeightsFile(path, state_dict, architecture, dimension)
+
+
+def _allowed_globals() -> dict[str, Any]:
+    """The only classes and functions a weights or parameters file may name, by their pickled names.
+
+    Beyond torch's own tensors-only set: what GaNDLF 0.1.5 stores in a checkpoint's "parameters" (read from real
+    `gandlf_run` checkpoints): numpy arrays, dtypes and scalars, the pandas tables of the training and validation
+    subjects, and `slice`. Each rebuilds a value from data; none calls anything the file names.
+    """
+    import numpy as np
+    import pandas as pd
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.indexes.base import _new_Index
+    from pandas.core.internals.managers import BlockManager
+
+    multiarray = np.core.multiarray if hasattr(np, "core") else np._core.multiarray
+    dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGOUSV"} | {type(np.dtype("M8[ns]")),
+                                                                                      type(np.dtype("m8[ns]"))}
+    objects = [np.ndarray, np.dtype, *dtype_classes, multiarray._reconstruct, multiarray.scalar, slice,
+               pd.DataFrame, pd.Series, pd.Index, pd.RangeIndex, BlockManager, _unpickle_block, _new_Index]
+    allowed = {f"{obj.__module__}.{obj.__qualname__}": obj for obj in objects}
+    for name in ("_reconstruct", "scalar"):  # numpy 2 writes numpy._core, numpy 1 numpy.core
+        for package in ("numpy.core", "numpy._core"):
+            allowed[f"{package}.multiarray.{name}"] = getattr(multiarray, name)
+    return allowed
+
+
+def load_tensors_file(path: str | Path) -> Any:
+    """Loads a torch file without running code from it: `torch.load(weights_only=True)` allowing only tensors,
+    plain Python data and `_allowed_globals()`.
+
+    Raises:
+        WeightsError: Naming the file, when it holds anything else (nothing of it is executed) or is no torch file.
+    """
+    path = Path(path).expanduser()
+    allowed = [(obj, name) for name, obj in _allowed_globals().items()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        text = " ".join(str(error).split())
+        named = re.search(r"(?:GLOBAL|unrecognized function|new object for|build instance of) <?([^\s>]+)", text)
+        if named is None:  # no refused object: not a torch file at all
+            detail = text.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0].strip()[:200]
+            raise WeightsError(f"Could not read {path}: not a torch weights file or corrupt ({detail}).") from None
+        detail = f"it names {named.group(1).rstrip('.,')}, which is not on the allow-list"
+        raise WeightsError(_refused_message(path, detail)) from None
+    except Exception as error:  # noqa: BLE001 - torch reports a corrupt file in many ways
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise WeightsError(f"Could not read {path}: not a torch weights file or corrupt ({detail}).") from None
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """A pickle reader that resolves only the names of `_allowed_globals()`, so no other callable can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_globals()
+        if f"{module}.{name}" not in allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not on the allow-list")
+        return allowed[f"{module}.{name}"]
+
+
+def read_parameters_file(path: str | Path) -> Any:
+    """Reads a GaNDLF `parameters.pkl` with the allow-list of `load_tensors_file`.
+
+    Raises:
+        WeightsError: Naming the file, when it names any other class or function (nothing of it is executed).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return _AllowListUnpickler(handle).load()
+    except pickle.UnpicklingError as error:
+        if "allow-list" in str(error):
+            raise WeightsError(_refused_message(path, str(error))) from None
+        raise WeightsError(f"Could not read {path}: not a pickle file or corrupt ({error}).") from None
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise WeightsError(f"Could not read {path}: not a pickle file or corrupt ({type(error).__name__}: "
+                           f"{error}).") from None
+
+
+def _refused_message(path: Path, detail: str) -> str:
+    return (
+        f"{path} was not loaded: besides tensors and plain data it holds Python objects ({detail}), and reading "
+        "them could run code. gandlf-dimlift reads weights tensors-only. If you trust whoever made the file, load "
+        "it yourself and save only its state dict (torch.save(model_state_dict, 'weights.pth')), then use that file."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,3 +453,17 @@ def transfer(model: nn.Module, source: Source, parts: Parts, architecture: str, 
     if parts.body and "the rest of the network" not in loaded:
         logger.info("%s: %s holds only the encoder; the rest of the network starts random.", architecture, where)
     return ", ".join(loaded[:-1]) + " and " + loaded[-1] if len(loaded) > 1 else loaded[0]
+
+
+def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Loads every tensor of `module` from `state_dict`, requiring the same names and shapes (a strict load that
+    says what does not fit)."""
+    fitted, problems = _fit(module.state_dict(), state_dict, "")
+    if problems:
+        missing = [p for p in problems if p.startswith("missing ")]
+        shown = "; ".join(problems[:5]) + ("..." if len(problems) > 5 else "")
+        raise WeightsError(
+            f"The weights in {source} do not fit this model ({len(missing)} missing, {len(problems) - len(missing)} "
+            f"of another shape: {shown}). Check that the file comes from the same architecture and options."
+        )
+    module.load_state_dict(fitted)

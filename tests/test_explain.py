@@ -61,6 +61,9 @@ def _explain(config: Path, model_dir: Path, data: Path, output: Path) -> subproc
     result = subprocess.run(command, env=gandlf_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=900, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-6000:]
+    # It says what it wrote where, and leaves nothing of GaNDLF's (its subject-ID mapping CSV) in the folder.
+    assert f"wrote into {output}:" in result.stdout and "slice_weights.csv" in result.stdout
+    assert not (output / "updated_test_mapping.csv").exists()
     return result
 
 
@@ -166,6 +169,78 @@ def test_explain_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExplainError, match=r"No trained model in .*dimlift_slice_attention_best.pth.tar"):
         explain(config, tmp_path / "empty", data, tmp_path / "out")
+
+
+def _inputs(tmp_path: Path, shape=(16, 16, 16)) -> tuple[Path, Path, Path]:
+    """A classification CSV, a valid slice attention config and an empty model folder."""
+    data = write_dataset(tmp_path / "data", "classification", n_subjects=2, shape=shape)
+    options = {"pretrained": False, "encoder_depth": 3}
+    config = write_config(make_config(KEY, "classification", patch_size=(16, 16, 16), model_options=options),
+                          tmp_path / "config.yaml")
+    (tmp_path / "model").mkdir()
+    return config, data, tmp_path / "model"
+
+
+def test_explain_refuses_a_corrupt_checkpoint_before_writing(tmp_path: Path) -> None:
+    from gandlf_dimlift.explain import explain
+    from gandlf_dimlift.weights import WeightsError
+
+    config, data, model = _inputs(tmp_path)
+    (model / f"{KEY}_best.pth.tar").write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(WeightsError, match=r"best\.pth\.tar: not a torch weights file or corrupt"):
+        explain(config, model, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_explain_refuses_a_file_that_is_no_gandlf_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    from gandlf_dimlift.explain import ExplainError, explain
+
+    config, data, model = _inputs(tmp_path)
+    torch.save({"conv.weight": torch.zeros(1)}, model / f"{KEY}_best.pth.tar")
+    with pytest.raises(ExplainError, match="is not a GaNDLF checkpoint \\(no model_state_dict\\)"):
+        explain(config, model, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_explain_refuses_a_checkpoint_of_other_options(tmp_path: Path) -> None:
+    import torch
+
+    from gandlf_dimlift.explain import ExplainError, explain
+
+    config, data, model = _inputs(tmp_path)
+    torch.save({"model_state_dict": {"head.weight": torch.zeros(2, 7)}}, model / f"{KEY}_best.pth.tar")
+    with pytest.raises(ExplainError, match=r"best\.pth\.tar do not fit this model \(\d+ missing, 1 of another "
+                                           r"shape: missing \['encoder\..*Give the config the model was trained with"):
+        explain(config, model, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing-image", "2d-image", "no-image-column", "bad-config"])
+def test_explain_names_a_bad_csv_or_config_before_writing(problem: str, tmp_path: Path) -> None:
+    import torch
+
+    from gandlf_dimlift.explain import ExplainError, explain
+
+    config, data, model = _inputs(tmp_path)
+    torch.save({"model_state_dict": {}}, model / f"{KEY}_best.pth.tar")
+    if problem == "missing-image":
+        data.write_text(data.read_text().replace("subject_001_image.nii.gz", "gone.nii.gz"))
+        fragment = r"subject subject_001's image .*gone\.nii\.gz \(column Channel_0\) does not exist"
+    elif problem == "2d-image":
+        flat = write_dataset(tmp_path / "flat", "classification", n_subjects=2, shape=(16, 16))
+        data = flat
+        fragment = r"subject subject_000's image .* is \[16, 16\] voxels; dimlift_slice_attention explains 3D"
+    elif problem == "no-image-column":
+        data.write_text("SubjectID,ValueToPredict\na,0\n")
+        fragment = r"needs a subject ID column and at least one image column .* its columns are"
+    else:
+        config.write_text(config.read_text().replace("learning_rate: 0.001", "learning_rate: fast"))
+        fragment = r"GaNDLF cannot read the config .*config\.yaml: .*learning_rate"
+    with pytest.raises(ExplainError, match=fragment):
+        explain(config, model, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_explain_refuses_another_architecture(tmp_path: Path) -> None:

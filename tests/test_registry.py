@@ -91,7 +91,11 @@ def test_conflicts_bad_keys_and_broken_plugins_are_reported_and_skipped(tmp_path
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(FAKE_ENTRY_POINTS)
-    code = """
+    # The fake plugin's folder goes last on sys.path, so gandlf-dimlift's own entry points are found first whatever
+    # the working directory holds.
+    code = f"""
+        import sys
+        sys.path.append({str(tmp_path)!r})
         import GANDLF.models as m
         from gandlf_dimlift.registry import registered, register, RegistrationError
         print("OK", "fake_ok" in m.global_models_dict, registered()["dimlift_smp"].distribution)
@@ -101,7 +105,7 @@ def test_conflicts_bad_keys_and_broken_plugins_are_reported_and_skipped(tmp_path
         except RegistrationError as error:
             print("ERROR", error)
     """
-    result = python(code, {"PYTHONPATH": str(tmp_path)})
+    result = python(code)
     out, err = result.stdout, result.stderr
     assert "OK True gandlf-dimlift" in out, out + err
     assert "BUILTIN GANDLF.models" in out
@@ -110,9 +114,12 @@ def test_conflicts_bad_keys_and_broken_plugins_are_reported_and_skipped(tmp_path
     assert "would replace GaNDLF's built-in 'resunet'" in error
     assert "'dimlift_smp' is declared by both 'gandlf-dimlift' and 'fake-plugin'" in error
     assert "'fake_deep_net' contains 'deep'" in error
-    # The hook turned the refusal into one warning line, and the broken plugin into a named warning.
-    assert sum("gandlf-dimlift: WARNING" in line for line in err.splitlines()) == 1
-    assert "'fake_broken' of distribution 'fake-plugin' failed to load" in err
+    # The hook reports each failure as one line: the broken plugin by name, and the refused keys together (the
+    # script's own register() call afterwards warns the Python way).
+    ours = [line for line in err.split("RuntimeWarning")[0].splitlines() if "gandlf-dimlift" in line]
+    assert len(ours) == 2 and all(line.startswith("gandlf-dimlift: WARNING: ") for line in ours), err
+    assert "architecture 'fake_broken' of distribution 'fake-plugin' failed to load and is skipped" in ours[0]
+    assert "RegistrationError" in ours[1] and "'Fake_Upper' is not lowercase" in ours[1]
 
 
 def test_wheel_carries_the_hook_and_registers_when_installed(tmp_path):
@@ -148,3 +155,92 @@ def test_startup_hook_imports_nothing_heavy():
     assert result.stdout.strip() == "[]"
     armed = python("import sys, gandlf_dimlift._startup as s; print(s.installed())")
     assert armed.stdout.strip() == "True"
+
+
+def _site_with_hook(tmp_path: Path, package_init: str | None) -> Path:
+    """A site directory holding this checkout's .pth and, if given, a `gandlf_dimlift` package with that
+    `__init__` (shadowing the real one), for an interpreter started with -S."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "gandlf_dimlift_hook.pth").write_text((REPO / "gandlf_dimlift_hook.pth").read_text())
+    if package_init is not None:
+        (site / "gandlf_dimlift").mkdir()
+        (site / "gandlf_dimlift" / "__init__.py").write_text(package_init)
+    return site
+
+
+def _with_site(site: Path, code: str) -> str:
+    """`code` after putting this environment's packages (without their .pth files) and `site` on the path."""
+    import sysconfig
+
+    purelib = sysconfig.get_paths()["purelib"]
+    return f"import sys, site\nsys.path.append({purelib!r})\nsite.addsitedir({str(site)!r})\n" + textwrap.dedent(code)
+
+
+def test_hook_reports_its_own_import_failure_once_when_gandlf_is_imported(tmp_path):
+    site = _site_with_hook(tmp_path, "raise ImportError('simulated: gandlf_dimlift is broken')\n")
+    no_checkout = {"PYTHONPATH": ""}  # run in tmp_path with no checkout on the path: only the broken package
+    unrelated = python(_with_site(site, "print('unrelated program')"), no_checkout, tmp_path, ("-S",))
+    assert unrelated.returncode == 0 and unrelated.stderr == "", unrelated.stderr
+    code = """
+        import GANDLF.models
+        import importlib; importlib.reload(GANDLF.models)
+        print("GaNDLF works", len(GANDLF.models.global_models_dict) > 10)
+    """
+    result = python(_with_site(site, code), no_checkout, tmp_path, ("-S",))
+    assert "GaNDLF works True" in result.stdout, result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if "gandlf-dimlift" in line or "gandlf_dimlift" in line]
+    assert ours == [
+        "gandlf-dimlift: WARNING: plugin architectures not registered: the gandlf_dimlift package failed to import "
+        "(ImportError: simulated: gandlf_dimlift is broken); reinstall gandlf-dimlift, or set "
+        "GANDLF_DIMLIFT_DISABLE=1 to run GaNDLF without it"
+    ]
+    # Opted out, nothing is armed (so nothing reports) even though the package fails.
+    code = "print('FINDERS', [type(f).__name__ for f in sys.meta_path if 'Gandlf' in type(f).__name__])"
+    opted_out = python(_with_site(site, code), {**no_checkout, "GANDLF_DIMLIFT_DISABLE": "1"}, tmp_path, ("-S",))
+    assert "FINDERS []" in opted_out.stdout and opted_out.stderr == "", opted_out.stderr
+
+
+def test_a_broken_shared_model_module_is_one_line(tmp_path):
+    """Every plugin architecture imports gandlf_dimlift.models.common: broken, it takes out all four, in one line."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "gandlf_dimlift", copy / "gandlf_dimlift")
+    common = copy / "gandlf_dimlift" / "models" / "common.py"
+    common.write_text(common.read_text() + "\nraise ImportError('simulated broken shared module')\n")
+    result = python("import GANDLF.models as m; print('KEYS', [k for k in m.global_models_dict if 'dimlift' in k])",
+                    {"PYTHONPATH": str(copy)}, cwd=tmp_path)  # only the copy on the path, not this checkout
+    assert "KEYS []" in result.stdout, result.stdout + result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if "gandlf-dimlift" in line or "gandlf_dimlift" in line]
+    assert len(ours) == 1, result.stderr
+    assert ours[0].startswith("gandlf-dimlift: WARNING: architectures 'dimlift_")
+    assert "ImportError: simulated broken shared module" in ours[0]
+    for key in ("dimlift_smp", "dimlift_dxnet", "dimlift_omnianet", "dimlift_slice_attention"):
+        assert repr(key) in ours[0]
+
+
+def test_hook_registers_when_gandlf_models_is_imported_again_after_a_failure():
+    code = """
+        import sys
+        class FailOnce:
+            failed = False
+            def find_spec(self, name, path=None, target=None):
+                if name == "GANDLF.models.unet" and not self.failed:
+                    self.failed = True
+                    raise ImportError("simulated transient failure")
+        sys.meta_path.insert(0, FailOnce())
+        try:
+            import GANDLF.models
+        except ImportError as error:
+            print("FIRST", error)
+        import GANDLF.models as m
+        print("KEYS", sorted(k for k in m.global_models_dict if "dimlift" in k))
+        import gandlf_dimlift._startup as s
+        print("ARMED", s.installed())
+    """
+    result = python(code)
+    assert "FIRST simulated transient failure" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "KEYS ['dimlift_dxnet', 'dimlift_omnianet', 'dimlift_slice_attention', 'dimlift_smp']" in result.stdout
+    assert "ARMED False" in result.stdout  # disarmed once registered
+    assert "gandlf-dimlift" not in result.stderr
