@@ -460,10 +460,12 @@ def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source
     says what does not fit)."""
     fitted, problems = _fit(module.state_dict(), state_dict, "")
     if problems:
-        missing = [p for p in problems if p.startswith("missing ")]
-        shown = "; ".join(problems[:5]) + ("..." if len(problems) > 5 else "")
+        missing = sorted(p[len("missing "):] for p in problems if p.startswith("missing "))
+        mismatched = sorted(p for p in problems if not p.startswith("missing "))
+        shown = [f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}"] if missing else []
         raise WeightsError(
-            f"The weights in {source} do not fit this model ({len(missing)} missing, {len(problems) - len(missing)} "
-            f"of another shape: {shown}). Check that the file comes from the same architecture and options."
+            f"The weights in {source} do not fit this model ({len(missing)} missing, {len(mismatched)} of another "
+            f"shape: {'; '.join(shown + mismatched[:5])}). Check that the file comes from the same architecture and "
+            "options."
         )
     module.load_state_dict(fitted)
