@@ -1,6 +1,6 @@
 """Lift 2D torch models to 3D: ``lift(module, mode, axis)`` (framework-agnostic, needs only torch).
 
-Modes (:data:`MODES`):
+Modes (:data:`MODES`; each is declared once, in :mod:`.modes`: its properties and its operator):
 
 * ``acs``: output channels in three groups convolved as ``(1,k,k)``, ``(k,1,k)``, ``(k,k,1)``;
   same parameters and FLOPs as the 2D model (:class:`~.ops.ACSConv3d`; any grouping, Inception's
@@ -20,7 +20,9 @@ Modes (:data:`MODES`):
 
 Along the new axis a layer gets the kernel/stride/padding its two in-plane axes agree on, else extent
 1 (see :mod:`.spec`). Layout: ``(B, C, X, Y, Z)``; ``axis`` (``"z"``, the last dim, by default) is the new
-axis for ``inflate``/``inflate_center``/``2.5d``/``conv3d``; the ACS modes use all three axes.
+axis for ``inflate``/``inflate_center``/``2.5d``/``conv3d``; the ACS modes use all three axes. Two options act
+along ``axis`` in every mode: ``keep_axis_resolution`` (module paths that do not stride or resample along it:
+thick slices) and ``axis_padding="replicate"`` (convolutions repeat the border slices along it).
 
 Strictness. The module tree is walked with explicit tables keyed by exact type (:mod:`.convert`): torch
 2D layers get their 3D form; third-party blocks that do 2D work in ``forward`` (TensorFlow-"same"
