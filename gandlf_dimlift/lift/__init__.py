@@ -46,6 +46,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import blocks, decoders  # noqa: F401 - importing registers the third-party replacements
@@ -58,6 +59,16 @@ from .probe import probe
 from .spec import AXES, AXIS_PADDINGS, LiftSpec, check_mode_axis
 
 __all__ = ["AXES", "AXIS_PADDINGS", "MODES", "REGISTRY", "LiftError", "LiftMode", "adapt_input_channels", "lift"]
+
+
+def standard_layout(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of a lifted root: tensors leave in the standard (contiguous) layout, whatever layout the lifted
+    layers computed in (see :class:`~.ops.LiftedConv3d`)."""
+    if isinstance(output, torch.Tensor):
+        return output.contiguous()
+    if type(output) in (list, tuple):
+        return type(output)(o.contiguous() if isinstance(o, torch.Tensor) else o for o in output)
+    return output
 
 
 class InputGuard:
@@ -129,6 +140,7 @@ def lift(
     root = module if inplace else copy.deepcopy(module)
     root = convert(root, spec)
     root.register_forward_pre_hook(InputGuard(f"{type(root).__name__} (lifted with mode={mode!r})"))
+    root.register_forward_hook(standard_layout)
     if check:
         probe(root, spec, probe_size)
     return root

@@ -12,7 +12,7 @@ from .ops import (
     ACSConvTranspose3d,
     AvgPool3dAnySize,
     BatchNormAct3d,
-    PaddedConv3d,
+    LiftedConv3d,
     SliceGroupNorm,
     SliceInstanceNorm,
 )
@@ -117,11 +117,10 @@ def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) ->
     if replicate is not None and isinstance(p3, str):
         raise LiftError(f"axis_padding='replicate' needs integer padding, got padding={p3!r}", path=path,
                         module_type=type_name(m))
-    args = (m.in_channels, m.out_channels, k3, s3, 0 if tf_same else p3, d3, m.groups, bias)
-    if tf_same or replicate is not None:
-        new = PaddedConv3d(*args, "zeros" if tf_same else m.padding_mode, tf_same=tf_same, replicate_dim=replicate)
-    else:
-        new = nn.Conv3d(*args, m.padding_mode)
+    new = LiftedConv3d(
+        m.in_channels, m.out_channels, k3, s3, 0 if tf_same else p3, d3, m.groups, bias,
+        "zeros" if tf_same else m.padding_mode, tf_same=tf_same, replicate_dim=replicate,
+    )
     if spec.mode.fill is not None:
         with torch.no_grad():
             new.weight.copy_(expand_kernel(m.weight, spec, kn))
@@ -326,6 +325,6 @@ TORCH_3D = frozenset(
         nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d,
         nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.Dropout3d, nn.ZeroPad3d, nn.ConstantPad3d,
         nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d, SliceGroupNorm, SliceInstanceNorm,
-        AvgPool3dAnySize, PaddedConv3d,
+        AvgPool3dAnySize, LiftedConv3d,
     }
 )
