@@ -109,21 +109,49 @@ def padding_modes(padding_mode: str, replicate_dim: int | None) -> tuple[str, st
     return tuple("replicate" if d == replicate_dim else padding_mode for d in range(3))  # type: ignore[return-value]
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the ``channels_last_3d`` layout (a copy unless it already is, or :func:`operator_choice` says not)."""
-    layout = torch.channels_last_3d
-    if not _CHOICE["channels_last"] or x.is_contiguous(memory_format=layout):
+#: Spatial voxels per sample from which lifted 3D convolutions compute in ``channels_last_3d`` (see conv_layout).
+CHANNELS_LAST_MIN_VOXELS = 32**3
+
+
+def in_layout(x: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+    """``x`` in ``layout`` (a copy unless it already is); ``None`` keeps it as it is."""
+    if layout is None or x.is_contiguous(memory_format=layout):
         return x
     return x.contiguous(memory_format=layout)
+
+
+def conv_layout(x: torch.Tensor) -> torch.memory_format | None:
+    """The layout a lifted 3D convolution computes the 5D ``x`` in.
+
+    oneDNN's 3D kernels on this CPU (``benchmarks/lift_ops.py --layouts``): ``channels_last_3d`` takes 0.5-0.8x the
+    time of the standard layout from 32^3 voxels per sample (the few-channel, high-resolution layers that dominate a
+    U-Net's step), about the same at 8^3-16^3 and up to 1.8x at 4^3. So: channels-last from
+    :data:`CHANNELS_LAST_MIN_VOXELS`, the standard layout below. ``None`` (keep) under
+    ``operator_choice(channels_last=False)``.
+    """
+    if not _CHOICE["channels_last"]:
+        return None
+    if math.prod(x.shape[2:]) >= CHANNELS_LAST_MIN_VOXELS:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4D ``x`` in the ``channels_last`` layout (a copy unless it already is, or :func:`operator_choice` says not).
+
+    For 2D convolutions on stacks of slices (the slice attention encoder): resnet18 on 128 slices of 64^2 trains
+    10 % faster in it on this CPU.
+    """
+    return in_layout(x, torch.channels_last if _CHOICE["channels_last"] else None)
 
 
 class LiftedConv3d(nn.Conv3d):
     """The dense 3D convolution of a lifted model: ``nn.Conv3d`` (same state dict) computed in ``channels_last_3d``,
     with TensorFlow "SAME" padding and/or the border slices repeated along one axis where asked.
 
-    Layout: oneDNN's 3D kernels on CPU run faster on ``channels_last_3d`` inputs (DX-Net B0 train step at 64^3:
-    -21 %, measured with ``benchmarks/lift_ops.py``), except depthwise convolutions with a stride (3-4x slower there):
-    those keep the input's layout. The output has the input's layout after conversion; values are unchanged.
+    Layout: large maps compute in ``channels_last_3d``, where oneDNN's 3D kernels run faster on CPU
+    (:func:`conv_layout`), except depthwise convolutions with a stride (3-4x slower there); the output has the
+    layout the convolution computed in. Values do not depend on the layout.
 
     With ``tf_same`` the padding is computed from the input size at every call: the 3D twin of
     ``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding`` (efficientnet-pytorch) and timm's ``Conv2dSame``,
@@ -146,13 +174,19 @@ class LiftedConv3d(nn.Conv3d):
 
     @property
     def channels_last(self) -> bool:
-        """Whether the convolution computes in ``channels_last_3d`` (all but strided depthwise ones)."""
+        """Whether the convolution may compute in ``channels_last_3d`` (:func:`conv_layout`): all but strided
+        depthwise ones (3-4x slower in it)."""
         depthwise = self.groups > 1 and self.groups == self.in_channels
         return not (depthwise and max(self.stride) > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.channels_last and x.dim() == 5:
-            x = channels_last(x)
+        layout = conv_layout(x)
+        if layout is not None and not self.channels_last:
+            layout = torch.contiguous_format
+        # the output too: with one input channel torch cannot tell the layouts apart and returns the standard one
+        return in_layout(self._conv(in_layout(x, layout)), layout)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tf_same and self.replicate_dim is None:
             return super().forward(x)
         if self.tf_same:
@@ -435,10 +469,11 @@ class ACSConv3d(ACSLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         check_5d(x, type(self).__name__)
-        x = channels_last(x)  # both paths run faster on oneDNN's channels-last 3D kernels (measured: -23 % per step)
+        layout = conv_layout(x)
+        x = in_layout(x, layout)
         if self.path(x.shape) == "dense":
-            return self._dense(x)
-        return self.mix_views([self._view(x, v) for v in self.active_views()])
+            return in_layout(self._dense(x), layout)
+        return in_layout(self.mix_views([self._view(x, v) for v in self.active_views()]), layout)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = (
