@@ -281,9 +281,9 @@ def count_parameters(model_dir: Path) -> int | None:
         from GANDLF.models import get_model
 
         import gandlf_dimlift  # noqa: F401
-        from benchmarks.throughput import _register
+        from benchmarks.throughput import register_plugins
 
-        _register()
+        register_plugins()
         with open(model_dir / "parameters.pkl", "rb") as handle:
             parameters = pickle.load(handle)
         return sum(p.numel() for p in get_model(parameters).parameters())

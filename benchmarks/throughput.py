@@ -11,6 +11,13 @@ FLOP/s of a training step is shown as a share of this machine's measured float32
 
 A row whose key is not registered, or whose model fails to build or run, becomes a table row with the error.
 
+Operators: the `op/` rows time one ACS convolution (32 -> 48 channels, 3x3, batch x 32 x 48^3, its own size whatever
+`--sizes` says) of each ACS mode against acsconv's operator (`ACSConv` / `SoftACSConv`, the operators GaNDLF's
+`imagenet_unet` uses); their ratio columns compare with that acsconv row. Before and after: every row that lifts has
+a twin `... (reference ops)` measured in the same run with the lifted layers computing as before they were tuned
+(`gandlf_dimlift.lift.ops.operator_choice("views", channels_last=False)`: one thin convolution per ACS view, the
+standard memory layout); the `x ref ops` column is the row against its twin.
+
 Usage::
 
     python -m benchmarks.throughput [--sizes 32 64 128] [--batch 2] [--rows dimlift_smp] [--device cpu|cuda]
@@ -26,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,9 @@ class Row:
         model: Extra keys of the `model:` section.
         note: Short description for the table.
         dimension: 3, or 2 for 2D rows (their patch is the size squared).
+        operators: "tuned", or "reference": lifted layers compute as before they were tuned (the twin rows).
+        compare_to: Row the ratio columns use instead of `--reference` (operator rows: acsconv's operator).
+        size: A fixed cube size for this row, whatever `--sizes` says (operator rows).
     """
 
     name: str
@@ -53,9 +63,41 @@ class Row:
     model: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     dimension: int = 3
+    operators: str = "tuned"
+    compare_to: str | None = None
+    size: int | None = None
 
 
-ROWS: tuple[Row, ...] = (
+REFERENCE_OPS = " (reference ops)"
+OPERATOR = "operator"  # the architecture of operator rows
+OP_SIZE = 48  # operator rows: batch x 32 x 48^3 -> 48 channels, the issue's single-convolution case
+
+
+def with_reference_twins(rows: Sequence[Row]) -> tuple[Row, ...]:
+    """`rows`, each row that lifts followed by its twin measured with the reference operators."""
+    lifts = ("dimlift_smp", "dimlift_dxnet", "dimlift_slice_attention", OPERATOR)
+    out: list[Row] = []
+    for row in rows:
+        out.append(row)
+        if row.architecture in lifts and row.model.get("op") != "acsconv":
+            out.append(replace(row, name=row.name + REFERENCE_OPS, operators="reference",
+                               note=f"{row.note}; operators before tuning"))
+    return tuple(out)
+
+
+def _operator_rows() -> tuple[Row, ...]:
+    rows = []
+    for mode in ("acs", "soft", "mean"):
+        acsconv = f"op/acsconv-{mode}"
+        rows.append(Row(f"op/{mode}", OPERATOR, OPERATOR, {"op": "lift", "mode": mode},
+                        f"ACSConv3d {mode}, 32->48, 3x3", compare_to=acsconv, size=OP_SIZE))
+        rows.append(Row(acsconv, OPERATOR, OPERATOR, {"op": "acsconv", "mode": mode},
+                        f"acsconv {'ACSConv' if mode == 'acs' else 'SoftACSConv'}{' mean' if mode == 'mean' else ''}",
+                        compare_to=acsconv, size=OP_SIZE))
+    return tuple(rows)
+
+
+ROWS: tuple[Row, ...] = with_reference_twins((
     # GaNDLF baselines
     Row("resunet", "resunet", "segmentation", {"base_filters": 16}, "GaNDLF residual U-Net, 16 base filters"),
     Row("imagenet_unet", "imagenet_unet", "segmentation", {"encoder_name": "resnet18", "pretrained": False},
@@ -67,7 +109,7 @@ ROWS: tuple[Row, ...] = (
     *(
         Row(f"dimlift_smp/{mode}", "dimlift_smp", "segmentation",
             {"encoder_name": "resnet18", "converter_type": mode, **PRETRAINED_OFF}, f"smp U-Net resnet18, {mode}")
-        for mode in ("acs", "soft", "inflate", "2.5d")
+        for mode in ("acs", "soft", "mean", "inflate", "2.5d")
     ),
     Row("dimlift_smp/cls", "dimlift_smp", "classification",
         {"encoder_name": "resnet18", "converter_type": "acs", **PRETRAINED_OFF}, "smp resnet18 classifier, acs"),
@@ -86,9 +128,10 @@ ROWS: tuple[Row, ...] = (
             f"resnet18 per slice, {pooling} pooling")
         for pooling in ("attention", "gated", "mean")
     ),
-)
+    *_operator_rows(),
+))
 
-CLASSES = {"segmentation": [0, 1, 2], "classification": [0, 1]}
+CLASSES = {"segmentation": [0, 1, 2], "classification": [0, 1], OPERATOR: []}
 
 
 def select_rows(patterns: Sequence[str] | None, rows: Sequence[Row] = ROWS) -> list[Row]:
@@ -138,7 +181,7 @@ def config_to_parameters(config: dict[str, Any], task: str) -> dict[str, Any]:
     from GANDLF.config_manager import ConfigManager
     from GANDLF.utils import populate_header_in_parameters
 
-    _register()
+    register_plugins()
     check_registered(config["model"]["architecture"])  # before GaNDLF's validation, whose message is truncated
     headers = {"subjectIDHeader": 0, "channelHeaders": [1], "labelHeader": None, "predictionHeaders": []}
     if task == "segmentation":
@@ -149,7 +192,8 @@ def config_to_parameters(config: dict[str, Any], task: str) -> dict[str, Any]:
     return populate_header_in_parameters(parameters, headers)
 
 
-def _register() -> None:
+def register_plugins() -> None:
+    """Registers the plugin's architectures with GaNDLF when the plugin is installed (quietly otherwise)."""
     try:
         from gandlf_dimlift.registry import register
     except ImportError:
@@ -218,23 +262,67 @@ class PeakRSS:
 _MEASURED = 0  # models measured in this process
 
 
-def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
-    """Builds the row's model through GaNDLF and measures it. Runs inside a fresh process."""
+def build_model(row: Row, size: int | str, batch: int, device: str) -> tuple[Any, Any]:
+    """The row's model, built through GaNDLF's `get_model` from a validated config, and a random batch."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    result: dict[str, Any] = {"name": row.name, "size": size, "batch": batch, "device": device}
     parameters = gandlf_parameters(row, size, batch)
     check_registered(row.architecture)
     from GANDLF.models import get_model
 
     model = get_model(parameters).to(device)
+    return model, torch.randn((batch, 1) + patch_of(size, row.dimension), device=device)
+
+
+def build_operator(row: Row, size: int, batch: int, device: str) -> tuple[Any, Any]:
+    """An operator row's convolution (32 -> 48 channels, 3x3): ours lifted from a Conv2d, or acsconv's with the same
+    weights (soft: acsconv draws its mixing weights at random, they are set to ours, the equal start)."""
+    import torch
+    from torch import nn
+
+    from gandlf_dimlift.lift import lift
+
+    mode = row.model["mode"]
+    conv2d = nn.Conv2d(32, 48, 3, padding=1)
+    ours = lift(conv2d, mode, check=False)
+    if row.model["op"] == "acsconv":
+        from acsconv.operators import ACSConv, SoftACSConv
+
+        twin = ACSConv(32, 48, 3, 1, 1) if mode == "acs" else SoftACSConv(32, 48, 3, 1, 1, mean=mode == "mean")
+        state = {"weight": conv2d.weight.detach().clone(), "bias": conv2d.bias.detach().clone()}
+        if mode == "soft":
+            state["soft_w_core"] = ours.soft_w_core.detach().clone()
+        twin.load_state_dict(state)
+        ours = twin
+    return ours.to(device), torch.randn(batch, 32, size, size, size, device=device)
+
+
+def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
+    """Builds the row's model (through GaNDLF) or operator and measures it. Runs inside a fresh process."""
+    import torch
+
+    from gandlf_dimlift.lift.ops import operator_choice
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    result: dict[str, Any] = {"name": row.name, "size": size, "batch": batch, "device": device}
+    if row.architecture == OPERATOR:
+        model, x = build_operator(row, int(size), batch, device)
+    else:
+        model, x = build_model(row, size, batch, device)
+    choice = operator_choice("views", channels_last=False) if row.operators == "reference" else operator_choice()
+    with choice:
+        return _measure(row, size, batch, device, repeats, model, x, result)
+
+
+def _measure(
+    row: Row, size: int | str, batch: int, device: str, repeats: int, model: Any, x: Any, result: dict[str, Any]
+) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     result["params"] = sum(p.numel() for p in model.parameters())
-    shape = (batch, 1) + patch_of(size, row.dimension)
-    x = torch.randn(shape, device=device)
     n_classes = len(CLASSES[row.task])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -301,7 +389,7 @@ def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, th
     out = out[0] if isinstance(out, (list, tuple)) else out
     result["output_shape"] = list(out.shape)
     expected = (batch, n_classes) + (patch_of(size, row.dimension) if row.task == "segmentation" else ())
-    if tuple(out.shape) != expected:
+    if row.task != OPERATOR and tuple(out.shape) != expected:
         result["warning"] = f"output shape {tuple(out.shape)} != expected {expected}"
     result["infer_flops"] = counter.get_total_flops()
     model.train()
@@ -410,8 +498,12 @@ def _progress(result: dict[str, Any]) -> None:
 
 def run_rows(rows: Sequence[Row], sizes: Sequence[int | str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (size, row): one fresh process each, or all in one watched process with `--in-process`."""
-    specs = [{"row": asdict(row), "size": size, "batch": args.batch, "device": args.device, "repeats": args.repeats,
-              "threads": args.threads} for size in sizes for row in rows]
+    def spec(row: Row, size: int | str) -> dict[str, Any]:
+        return {"row": asdict(row), "size": size, "batch": args.batch, "device": args.device, "repeats": args.repeats,
+                "threads": args.threads}
+
+    specs = [spec(row, size) for size in sizes for row in rows if row.size is None]
+    specs += [spec(row, row.size) for row in rows if row.size is not None]  # operator rows: their own size, once
     if args.in_process:
         return run_worker(specs, args)
     return [result for spec in specs for result in run_worker([spec], args)]
@@ -456,14 +548,23 @@ def _si(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
 def table(results: list[dict[str, Any]], peak: float, reference: str | None, rows: Sequence[Row]) -> str:
-    """Markdown table of `results`; ratios are against the `reference` row of the same size."""
+    """Markdown table of `results`; ratios are against the `reference` row of the same size (operator rows: against
+    their `compare_to` row), and `x ref ops` against the row's twin measured with the reference operators."""
     notes = {r.name: r for r in rows}
-    refs = {r["size"]: r for r in results if r["name"] == reference and "error" not in r}
+    ok = {(r["name"], r["size"]): r for r in results if "error" not in r}
+
+    def memory(r: dict[str, Any] | None) -> float | None:
+        return r["train_peak_mib"] if r and r.get("isolated", True) and r.get("train_peak_mib") else None
+
     lines = [
         "| row | task | size | params | train step s | infer s | train peak MiB | infer peak MiB | train GFLOP"
-        " | achieved TFLOP/s | % of matmul peak | train time × ref | train mem × ref | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | achieved TFLOP/s | % of matmul peak | train time × ref | train mem × ref | × ref ops (time / mem) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         row = notes.get(r["name"])
@@ -471,17 +572,20 @@ def table(results: list[dict[str, Any]], peak: float, reference: str | None, row
         note = row.note if row else ""
         dimension = row.dimension if row else 3
         if "error" in r:
-            lines.append(f"| {r['name']} | {task} | {r['size']} | — | — | — | — | — | — | — | — | — | — | "
+            lines.append(f"| {r['name']} | {task} | {r['size']} | — | — | — | — | — | — | — | — | — | — | — | "
                          f"error: {r['error'].replace('|', '/')} |")
             continue
         rate = r["train_flops"] / r["train_s"] if r["train_s"] else None
         row_peak = r.get("matmul_peak") or peak
         if not r.get("isolated", True):  # other rows ran in this process before: its RSS peak is not this row's
             r = {**r, "train_peak_mib": None, "infer_peak_mib": None}
-        ref = refs.get(r["size"])
-        t_ratio = r["train_s"] / ref["train_s"] if ref else None
-        usable = ref and r["train_peak_mib"] is not None and ref.get("isolated", True) and ref["train_peak_mib"] > 0
-        m_ratio = r["train_peak_mib"] / ref["train_peak_mib"] if usable else None
+        ref = ok.get(((row.compare_to if row and row.compare_to else reference), r["size"]))
+        twin = ok.get((r["name"] + REFERENCE_OPS, r["size"]))
+        t_ratio = _ratio(r["train_s"], ref["train_s"] if ref else None)
+        m_ratio = _ratio(memory(r), memory(ref))
+        versus_twin = "—"
+        if twin:
+            versus_twin = f"{_fmt(_ratio(r['train_s'], twin['train_s']))} / {_fmt(_ratio(memory(r), memory(twin)))}"
         if r.get("warning"):
             note = f"{note}; {r['warning']}"
         lines.append(
@@ -489,7 +593,8 @@ def table(results: list[dict[str, Any]], peak: float, reference: str | None, row
             f"{_fmt(r['train_s'], 3)} | "
             f"{_fmt(r['infer_s'], 3)} | {_fmt(r['train_peak_mib'], 0)} | {_fmt(r['infer_peak_mib'], 0)} | "
             f"{r['train_flops'] / 1e9:.1f} | {_fmt(rate / 1e12 if rate else None, 3)} | "
-            f"{_fmt(100 * rate / row_peak if rate else None, 1)} | {_fmt(t_ratio)} | {_fmt(m_ratio)} | {note} |"
+            f"{_fmt(100 * rate / row_peak if rate else None, 1)} | {_fmt(t_ratio)} | {_fmt(m_ratio)} | {versus_twin} | "
+            f"{note} |"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Lift 2D torch models to 3D: ``lift(module, mode, axis)`` (framework-agnostic, needs only torch).
 
-Modes (:data:`MODES`):
+Modes (:data:`MODES`; each is declared once, in :mod:`.modes`: its properties and its operator):
 
 * ``acs``: output channels in three groups convolved as ``(1,k,k)``, ``(k,1,k)``, ``(k,k,1)``;
   same parameters and FLOPs as the 2D model (:class:`~.ops.ACSConv3d`; any grouping, Inception's
@@ -20,7 +20,9 @@ Modes (:data:`MODES`):
 
 Along the new axis a layer gets the kernel/stride/padding its two in-plane axes agree on, else extent
 1 (see :mod:`.spec`). Layout: ``(B, C, X, Y, Z)``; ``axis`` (``"z"``, the last dim, by default) is the new
-axis for ``inflate``/``inflate_center``/``2.5d``/``conv3d``; the ACS modes use all three axes.
+axis for ``inflate``/``inflate_center``/``2.5d``/``conv3d``; the ACS modes use all three axes. Two options act
+along ``axis`` in every mode: ``keep_axis_resolution`` (module paths that do not stride or resample along it:
+thick slices) and ``axis_padding="replicate"`` (convolutions repeat the border slices along it).
 
 Strictness. The module tree is walked with explicit tables keyed by exact type (:mod:`.convert`): torch
 2D layers get their 3D form; third-party blocks that do 2D work in ``forward`` (TensorFlow-"same"
@@ -38,19 +40,35 @@ in ``2.5d``); ``check=False`` skips it, ``probe_size`` sets it.
 from __future__ import annotations
 
 import copy
+import difflib
 import sys
 import types
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import blocks, decoders  # noqa: F401 - importing registers the third-party replacements
 from .channels import adapt_input_channels
+from .convert import convert
 from .errors import LiftError
+from .modes import MODES, REGISTRY, LiftMode
 from .ops import check_5d
-from .spec import AXES, MODES, LiftSpec, check_mode_axis
+from .probe import probe
+from .spec import AXES, AXIS_PADDINGS, LiftSpec, check_mode_axis
 
-__all__ = ["AXES", "MODES", "LiftError", "adapt_input_channels", "lift"]
+__all__ = ["AXES", "AXIS_PADDINGS", "MODES", "REGISTRY", "LiftError", "LiftMode", "adapt_input_channels", "lift"]
+
+
+def standard_layout(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of a lifted root: tensors leave in the standard (contiguous) layout, whatever layout the lifted
+    layers computed in (see :class:`~.ops.LiftedConv3d`)."""
+    if isinstance(output, torch.Tensor):
+        return output.contiguous()
+    if type(output) in (list, tuple):
+        return type(output)(o.contiguous() if isinstance(o, torch.Tensor) else o for o in output)
+    return output
 
 
 class InputGuard:
@@ -64,16 +82,13 @@ class InputGuard:
             check_5d(args[0], self.name)
 
 
-def _load_tables() -> None:
-    # importing registers the third-party replacements in convert.NAMED_TABLE
-    from . import blocks, decoders  # noqa: F401
-
-
 def lift(
     module: nn.Module,
     mode: str = "acs",
     axis: str = "z",
     *,
+    keep_axis_resolution: Sequence[str] = (),
+    axis_padding: str = "zeros",
     inplace: bool = False,
     check: bool = True,
     probe_size: int | Sequence[int] | None = None,
@@ -84,6 +99,13 @@ def lift(
         module: The 2D model.
         mode: One of :data:`MODES`.
         axis: The new axis, one of :data:`AXES` (``"z"``: the slice axis, the last dim).
+        keep_axis_resolution: Module paths (dotted prefixes, ``""`` for the whole model) inside which nothing
+            strides or resamples along ``axis`` (thick slices): convs get stride 1 there (their padding must keep
+            the size), pools strided along it do not pool along it, transposed convs whose kernel equals their
+            stride get kernel and stride 1 there (that plane is the 2D kernel), upsampling keeps the axis.
+        axis_padding: ``"zeros"`` (as the 2D layers pad) or ``"replicate"``: convolutions pad along ``axis`` by
+            repeating the border slices (in-plane padding unchanged, TensorFlow-"same" convs included); with
+            ``inflate`` a volume constant along the axis then gives the 2D response on every slice.
         inplace: Convert ``module`` itself instead of a deep copy.
         check: Run the check pass (:func:`gandlf_dimlift.lift.probe.probe`): one small 3D forward that
             rejects 2D-only functional calls left in a ``forward``.
@@ -94,21 +116,31 @@ def lift(
         The lifted module: a plain ``nn.Module`` whose weights were transferred by shape.
 
     Raises:
-        ValueError: Unknown ``mode`` or ``axis`` (the message lists the valid ones).
+        ValueError: Unknown ``mode``, ``axis`` or ``axis_padding``, or a path in ``keep_axis_resolution`` that
+            names no module (the message lists the valid ones).
         LiftError: A module that cannot be lifted in this mode (the message names its path, its type
             and the modes that could work).
     """
-    mode, axis = check_mode_axis(mode, axis)
+    declared, axis = check_mode_axis(mode, axis)
     if not isinstance(module, nn.Module):
         raise TypeError(f"lift() expects a torch.nn.Module, got {type(module).__name__}")
-    _load_tables()
-    from .convert import convert
-    from .probe import probe
-
-    spec = LiftSpec(mode, axis)
+    if axis_padding not in AXIS_PADDINGS:
+        valid = ", ".join(map(repr, AXIS_PADDINGS))
+        raise ValueError(f"unknown axis_padding {axis_padding!r}; valid values are {valid}")
+    keep = (keep_axis_resolution,) if isinstance(keep_axis_resolution, str) else tuple(keep_axis_resolution)
+    paths = {name for name, _ in module.named_modules()}
+    unknown = [p for p in keep if p not in paths]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(paths), n=3)
+        raise ValueError(
+            f"keep_axis_resolution names no module at {unknown}; give module paths of the 2D model "
+            f"(model.named_modules()){f', e.g. {near}' if near else ''}"
+        )
+    spec = LiftSpec(declared, axis, keep, axis_padding)
     root = module if inplace else copy.deepcopy(module)
     root = convert(root, spec)
     root.register_forward_pre_hook(InputGuard(f"{type(root).__name__} (lifted with mode={mode!r})"))
+    root.register_forward_hook(standard_layout)
     if check:
         probe(root, spec, probe_size)
     return root

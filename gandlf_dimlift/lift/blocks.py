@@ -12,28 +12,9 @@ import types
 import torch
 from torch import nn
 
-from .convert import register
+from .convert import Lifted, register, replacement
 from .layers import lift_batchnorm, lift_conv
 from .spec import LiftSpec
-
-
-def pool_dims(spec: LiftSpec) -> tuple[int, ...]:
-    """Tensor dims a global pool reduces: all spatial ones, or the in-plane ones in ``2.5d``."""
-    if spec.per_slice:
-        return tuple(2 + d for d in spec.plane_dims)
-    return (2, 3, 4)
-
-
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Move ``old``'s children, parameters and buffers onto ``new`` under the same names; keep the training flag."""
-    for name, child in old.named_children():
-        setattr(new, name, child)
-    for name, param in old.named_parameters(recurse=False):
-        new.register_parameter(name, param)
-    for name, buf in old.named_buffers(recurse=False):
-        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
-    new.train(old.training)
-    return new
 
 
 @register("efficientnet_pytorch.utils.Conv2dStaticSamePadding", "efficientnet_pytorch.utils.Conv2dDynamicSamePadding",
@@ -48,22 +29,8 @@ def _lift_bn_act(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
     return lift_batchnorm(m, spec, path)  # type: ignore[arg-type]
 
 
-class LiftedMBConvBlock(nn.Module):
-    """efficientnet-pytorch's ``MBConvBlock`` in 3D: 3D squeeze-excitation and a 5D drop-connect mask.
-
-    Args:
-        old: The 2D block (its children are adopted).
-        spec: The lift spec.
-    """
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self._block_args = old._block_args
-        self.has_se = old.has_se
-        self.id_skip = old.id_skip
-        self._bn_mom, self._bn_eps = old._bn_mom, old._bn_eps
-        self._pool_dims = pool_dims(spec)
-        _adopt(self, old)
+class LiftedMBConvBlock(Lifted):
+    """efficientnet-pytorch's ``MBConvBlock`` in 3D: 3D squeeze-excitation and a 5D drop-connect mask."""
 
     def forward(self, inputs: torch.Tensor, drop_connect_rate: float | None = None) -> torch.Tensor:  # noqa: D102
         args = self._block_args
@@ -72,7 +39,7 @@ class LiftedMBConvBlock(nn.Module):
             x = self._swish(self._bn0(self._expand_conv(x)))
         x = self._swish(self._bn1(self._depthwise_conv(x)))
         if self.has_se:
-            s = x.mean(self._pool_dims, keepdim=True)
+            s = x.mean(self.pool_dims, keepdim=True)
             s = self._se_expand(self._swish(self._se_reduce(s)))
             x = torch.sigmoid(s) * x
         x = self._bn2(self._project_conv(x))
@@ -86,28 +53,21 @@ class LiftedMBConvBlock(nn.Module):
         return x
 
 
-@register("efficientnet_pytorch.model.MBConvBlock")
-def _lift_mbconv(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-    return LiftedMBConvBlock(m, spec)
+register("efficientnet_pytorch.model.MBConvBlock")(
+    replacement(LiftedMBConvBlock, "_block_args", "has_se", "id_skip", "_bn_mom", "_bn_eps")
+)
 
 
-class LiftedSqueezeExcite(nn.Module):
+class LiftedSqueezeExcite(Lifted):
     """timm's efficientnet ``SqueezeExcite`` in 3D (children ``conv_reduce``, ``act1``, ``conv_expand``, ``gate``)."""
 
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self._pool_dims = pool_dims(spec)
-        _adopt(self, old)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        s = x.mean(self._pool_dims, keepdim=True)
+        s = x.mean(self.pool_dims, keepdim=True)
         s = self.conv_expand(self.act1(self.conv_reduce(s)))
         return x * self.gate(s)
 
 
-@register("timm.models._efficientnet_blocks.SqueezeExcite")
-def _lift_timm_se(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-    return LiftedSqueezeExcite(m, spec)
+register("timm.models._efficientnet_blocks.SqueezeExcite")(replacement(LiftedSqueezeExcite))
 
 
 def _vgg_stages(self: nn.Module) -> list[nn.Module]:
@@ -128,54 +88,33 @@ def _lift_vgg(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
     return m
 
 
-class LiftedMobileOneSE(nn.Module):
+class LiftedMobileOneSE(Lifted):
     """MobileOne's ``SEBlock`` in 3D (children ``reduce``, ``expand``)."""
 
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self._pool_dims = pool_dims(spec)
-        _adopt(self, old)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        s = torch.relu(self.reduce(x.mean(self._pool_dims, keepdim=True)))
+        s = torch.relu(self.reduce(x.mean(self.pool_dims, keepdim=True)))
         return x * torch.sigmoid(self.expand(s))
 
 
-@register("segmentation_models_pytorch.encoders.mobileone.SEBlock")
-def _lift_mobileone_se(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-    return LiftedMobileOneSE(m, spec)
+register("segmentation_models_pytorch.encoders.mobileone.SEBlock")(replacement(LiftedMobileOneSE))
 
 
-class LiftedSEModule(nn.Module):
+class LiftedSEModule(Lifted):
     """timm's ``SEModule`` (RegNetY, ...) in 3D (children ``fc1``, ``bn``, ``act``, ``fc2``, ``gate``)."""
 
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self._pool_dims = pool_dims(spec)
-        self.add_maxpool = getattr(old, "add_maxpool", False)
-        _adopt(self, old)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        s = x.mean(self._pool_dims, keepdim=True)
+        s = x.mean(self.pool_dims, keepdim=True)
         if self.add_maxpool:
-            s = 0.5 * s + 0.5 * x.amax(self._pool_dims, keepdim=True)
+            s = 0.5 * s + 0.5 * x.amax(self.pool_dims, keepdim=True)
         s = self.fc2(self.act(self.bn(self.fc1(s))))
         return x * self.gate(s)
 
 
-@register("timm.layers.squeeze_excite.SEModule")
-def _lift_timm_semodule(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-    return LiftedSEModule(m, spec)
+register("timm.layers.squeeze_excite.SEModule")(replacement(LiftedSEModule, "add_maxpool"))
 
 
-class LiftedSplitAttn(nn.Module):
+class LiftedSplitAttn(Lifted):
     """timm's ``SplitAttn`` (ResNeSt split attention) in 3D."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self._pool_dims = pool_dims(spec)
-        self.radix = old.radix
-        _adopt(self, old)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.act0(self.drop(self.bn0(self.conv(x))))
@@ -186,7 +125,7 @@ class LiftedSplitAttn(nn.Module):
             gap = x.sum(dim=1)
         else:
             gap = x
-        gap = self.act1(self.bn1(self.fc1(gap.mean(self._pool_dims, keepdim=True))))
+        gap = self.act1(self.bn1(self.fc1(gap.mean(self.pool_dims, keepdim=True))))
         attn = self.rsoftmax(self.fc2(gap))  # (B, C) for every view of the pooled map
         if self.radix > 1:
             keep = gap.shape[2:]  # (1, 1, 1), or (1, 1, Z) per slice
@@ -195,30 +134,20 @@ class LiftedSplitAttn(nn.Module):
         return (x * attn.reshape(b, -1, *gap.shape[2:])).contiguous()
 
 
-@register("timm.layers.split_attn.SplitAttn")
-def _lift_split_attn(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-    return LiftedSplitAttn(m, spec)
+register("timm.layers.split_attn.SplitAttn")(replacement(LiftedSplitAttn, "radix"))
 
 
-class LiftedSelectiveKernelAttn(nn.Module):
-    """timm's ``SelectiveKernelAttn`` (SKNet) in 3D: input ``(B, paths, C, X, Y, Z)``."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self.num_paths = old.num_paths
-        self._pool_dims = pool_dims(spec)  # of the path sum (B, C, X, Y, Z)
-        _adopt(self, old)
+class LiftedSelectiveKernelAttn(Lifted):
+    """timm's ``SelectiveKernelAttn`` (SKNet) in 3D: input ``(B, paths, C, X, Y, Z)``; pools the path sum."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if x.shape[1] != self.num_paths:
             raise ValueError(f"expected {self.num_paths} stacked paths, got {x.shape[1]}")
-        s = x.sum(1).mean(self._pool_dims, keepdim=True)
+        s = x.sum(1).mean(self.pool_dims, keepdim=True)
         s = self.fc_select(self.act(self.bn(self.fc_reduce(s))))
         b, c = s.shape[:2]
         s = s.view(b, self.num_paths, c // self.num_paths, *s.shape[2:])
         return torch.softmax(s, dim=1)
 
 
-@register("timm.layers.selective_kernel.SelectiveKernelAttn")
-def _lift_sk_attn(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-    return LiftedSelectiveKernelAttn(m, spec)
+register("timm.layers.selective_kernel.SelectiveKernelAttn")(replacement(LiftedSelectiveKernelAttn, "num_paths"))

@@ -46,6 +46,52 @@ NAMED_REJECT: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Move ``old``'s children, parameters and buffers onto ``new`` under the same names; keep the training flag."""
+    for name, child in old.named_children():
+        setattr(new, name, child)
+    for name, param in old.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buf in old.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    new.train(old.training)
+    return new
+
+
+class Lifted(nn.Module):
+    """Base of the lifted replacements of third-party blocks: adopts the 2D block's children (same state-dict
+    keys), copies the plain attributes its ``forward`` reads, and keeps the lift spec.
+
+    Args:
+        old: The 2D block.
+        spec: The lift spec at the block's path.
+        attributes: Names of ``old``'s attributes to copy (a missing one is copied as ``None``).
+    """
+
+    def __init__(self, old: nn.Module, spec: LiftSpec, attributes: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.spec = spec
+        for name in attributes:
+            setattr(self, name, getattr(old, name, None))
+        adopt(self, old)
+
+    @property
+    def pool_dims(self) -> tuple[int, ...]:
+        """Tensor dims a global pool reduces: all spatial ones, or the in-plane ones in ``2.5d``."""
+        if self.spec.per_slice:
+            return tuple(2 + d for d in self.spec.plane_dims)
+        return (2, 3, 4)
+
+
+def replacement(cls: type[Lifted], *attributes: str) -> Converter:
+    """A converter that builds ``cls(old, spec, attributes)``."""
+
+    def conv(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+        return cls(m, spec, attributes)
+
+    return conv
+
+
 def register(*names: str) -> Callable[[Converter], Converter]:
     """Register a converter for third-party module types given by ``module.QualName``."""
 
@@ -74,6 +120,7 @@ def convert(module: nn.Module, spec: LiftSpec, path: str = "") -> nn.Module:
     Raises:
         LiftError: For a module the tables reject.
     """
+    spec = spec.at(path)
     t = type(module)
     name = type_name(module)
     if t in TORCH_TABLE:

@@ -14,8 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .blocks import _adopt
-from .convert import register
+from .convert import Lifted, register, replacement
 from .ops import check_5d
 from .resize import resize_to, upscale
 from .spec import LiftSpec
@@ -23,16 +22,7 @@ from .spec import LiftSpec
 _SMP = "segmentation_models_pytorch.decoders"
 
 
-class _Lifted(nn.Module):
-    """Base of the replacements: adopts the 2D module's children and keeps the lift spec."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        _adopt(self, old)
-
-
-class LiftedUpCatBlock(_Lifted):
+class LiftedUpCatBlock(Lifted):
     """unet / unet++ / MAnet ``DecoderBlock``: upsample x2 (nearest), concatenate the skip, two convs."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
@@ -47,26 +37,22 @@ class LiftedUpCatBlock(_Lifted):
         return x
 
 
-class LiftedFPNConv(_Lifted):
+class LiftedFPNConv(Lifted):
     """FPN ``Conv3x3GNReLU``: conv-GN-ReLU, then optionally upsample x2 (linear, corners aligned)."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__(old, spec)
-        self.upsample = old.upsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.block(x)
         return upscale(x, self.spec, 2, "bilinear", align_corners=True) if self.upsample else x
 
 
-class LiftedFPNBlock(_Lifted):
+class LiftedFPNBlock(Lifted):
     """FPN ``FPNBlock``: upsample x2 (nearest) and add the 1x1-projected skip."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return upscale(x, self.spec, 2, "nearest") + self.skip_conv(skip)
 
 
-class LiftedPSPBlock(_Lifted):
+class LiftedPSPBlock(Lifted):
     """PSPNet ``PSPBlock``: adaptive pool and conv, resized back to the input size (linear, corners aligned)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -83,12 +69,8 @@ class LiftedASPPPooling(nn.Sequential):
         return resize_to(x, size, "bilinear", align_corners=False)
 
 
-class LiftedConvBnRelu(_Lifted):
+class LiftedConvBnRelu(Lifted):
     """PAN ``ConvBnRelu``: conv-BN-(ReLU), then optionally upsample x2 (linear, corners aligned)."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__(old, spec)
-        self.add_relu, self.interpolate = old.add_relu, old.interpolate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.bn(self.conv(x))
@@ -97,12 +79,8 @@ class LiftedConvBnRelu(_Lifted):
         return upscale(x, self.spec, 2, "bilinear", align_corners=True) if self.interpolate else x
 
 
-class LiftedFPABlock(_Lifted):
+class LiftedFPABlock(Lifted):
     """PAN ``FPABlock`` (feature pyramid attention); every resize targets the size of the map it joins."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__(old, spec)
-        self.upscale_mode, self.align_corners = old.upscale_mode, old.align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         up = {"mode": self.upscale_mode, "align_corners": self.align_corners}
@@ -120,24 +98,16 @@ class LiftedFPABlock(_Lifted):
         return y * mid + b1
 
 
-class LiftedGAUBlock(_Lifted):
+class LiftedGAUBlock(Lifted):
     """PAN ``GAUBlock`` (global attention upsample)."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__(old, spec)
-        self.upscale_mode, self.align_corners = old.upscale_mode, old.align_corners
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         y_up = resize_to(y, x.shape[2:], self.upscale_mode, align_corners=self.align_corners)
         return y_up + self.conv2(x) * self.conv1(y)
 
 
-class LiftedPAB(_Lifted):
+class LiftedPAB(Lifted):
     """MAnet ``PAB`` (position attention): attention over all voxels (over each slice's pixels in 2.5d)."""
-
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__(old, spec)
-        self.pab_channels, self.in_channels = old.pab_channels, old.in_channels
 
     def _attend(self, top: torch.Tensor, center: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
         # (B', C', N) maps -> (B', C, N): joint softmax over the N x N map, as in the 2D block
@@ -161,7 +131,7 @@ class LiftedPAB(_Lifted):
         return self.out_conv(x + att)
 
 
-class LiftedMFAB(_Lifted):
+class LiftedMFAB(Lifted):
     """MAnet ``MFAB`` (multi-scale fusion attention)."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
@@ -173,19 +143,17 @@ class LiftedMFAB(_Lifted):
         return self.conv2(self.conv1(x))
 
 
-class LiftedSegmentationModel(nn.Module):
+class LiftedSegmentationModel(Lifted):
     """An smp segmentation model in 3D: encoder, decoder, segmentation head (and classification head).
 
     The input check of smp reads ``x.shape[-2:]``; here every axis the encoder downsamples (all three,
     or the two in-plane ones in ``2.5d``) must be divisible by the encoder's output stride.
     """
 
-    def __init__(self, old: nn.Module, spec: LiftSpec) -> None:
-        super().__init__()
-        self.spec = spec
+    def __init__(self, old: nn.Module, spec: LiftSpec, attributes: tuple[str, ...] = ()) -> None:
+        super().__init__(old, spec, attributes)
         self.smp_class = type(old).__name__
         self.requires_divisible_input_shape = getattr(old, "requires_divisible_input_shape", True)
-        _adopt(self, old)
         if not hasattr(self, "classification_head"):
             self.classification_head = None
 
@@ -212,15 +180,10 @@ class LiftedSegmentationModel(nn.Module):
         return masks
 
 
-def _replace(cls: type[nn.Module]):
-    def conv(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
-        if issubclass(cls, nn.Sequential):
-            new = cls(*m.children())
-            new.train(m.training)
-            return new
-        return cls(m, spec)
-
-    return conv
+def _aspp_pooling(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
+    new = LiftedASPPPooling(*m.children())
+    new.train(m.training)
+    return new
 
 
 def _classification_head(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
@@ -234,16 +197,16 @@ def _classification_head(m: nn.Module, spec: LiftSpec, path: str) -> nn.Module:
 
 
 register(f"{_SMP}.unet.decoder.DecoderBlock", f"{_SMP}.unetplusplus.decoder.DecoderBlock",
-         f"{_SMP}.manet.decoder.DecoderBlock")(_replace(LiftedUpCatBlock))
-register(f"{_SMP}.fpn.decoder.Conv3x3GNReLU")(_replace(LiftedFPNConv))
-register(f"{_SMP}.fpn.decoder.FPNBlock")(_replace(LiftedFPNBlock))
-register(f"{_SMP}.pspnet.decoder.PSPBlock")(_replace(LiftedPSPBlock))
-register(f"{_SMP}.deeplabv3.decoder.ASPPPooling")(_replace(LiftedASPPPooling))
-register(f"{_SMP}.pan.decoder.ConvBnRelu")(_replace(LiftedConvBnRelu))
-register(f"{_SMP}.pan.decoder.FPABlock")(_replace(LiftedFPABlock))
-register(f"{_SMP}.pan.decoder.GAUBlock")(_replace(LiftedGAUBlock))
-register(f"{_SMP}.manet.decoder.PAB")(_replace(LiftedPAB))
-register(f"{_SMP}.manet.decoder.MFAB")(_replace(LiftedMFAB))
+         f"{_SMP}.manet.decoder.DecoderBlock")(replacement(LiftedUpCatBlock))
+register(f"{_SMP}.fpn.decoder.Conv3x3GNReLU")(replacement(LiftedFPNConv, "upsample"))
+register(f"{_SMP}.fpn.decoder.FPNBlock")(replacement(LiftedFPNBlock))
+register(f"{_SMP}.pspnet.decoder.PSPBlock")(replacement(LiftedPSPBlock))
+register(f"{_SMP}.deeplabv3.decoder.ASPPPooling")(_aspp_pooling)
+register(f"{_SMP}.pan.decoder.ConvBnRelu")(replacement(LiftedConvBnRelu, "add_relu", "interpolate"))
+register(f"{_SMP}.pan.decoder.FPABlock")(replacement(LiftedFPABlock, "upscale_mode", "align_corners"))
+register(f"{_SMP}.pan.decoder.GAUBlock")(replacement(LiftedGAUBlock, "upscale_mode", "align_corners"))
+register(f"{_SMP}.manet.decoder.PAB")(replacement(LiftedPAB, "pab_channels", "in_channels"))
+register(f"{_SMP}.manet.decoder.MFAB")(replacement(LiftedMFAB))
 register("segmentation_models_pytorch.base.heads.ClassificationHead")(_classification_head)
 register(
     *(
@@ -254,4 +217,4 @@ register(
             ("deeplabv3", "DeepLabV3Plus"),
         ]
     )
-)(_replace(LiftedSegmentationModel))
+)(replacement(LiftedSegmentationModel))

@@ -6,19 +6,28 @@ import torch
 from torch import nn
 
 from .errors import LiftError, type_name
+from .modes import modes_where
 from .ops import (
     ACSConv3d,
     ACSConvTranspose3d,
     AvgPool3dAnySize,
     BatchNormAct3d,
-    SameConv3d,
+    LiftedConv3d,
     SliceGroupNorm,
     SliceInstanceNorm,
 )
 from .resize import Interpolate3d
-from .spec import ACS_MODES, LiftSpec, as_pair
+from .spec import LiftSpec, as_pair
 
-_DENSE_OK = ("inflate", "inflate_center", "2.5d", "conv3d")
+
+def dense_modes() -> tuple[str, ...]:
+    """Modes whose convolutions are dense 3D kernels (any stride, any kernel shape)."""
+    return modes_where(lambda m: not m.acs_family)
+
+
+def transpose_modes() -> tuple[str, ...]:
+    """Dense modes that lift a transposed conv strided along the new axis."""
+    return modes_where(lambda m: not m.acs_family and m.strided_transpose)
 
 
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -35,16 +44,11 @@ def _like(new: nn.Module, old: nn.Module) -> nn.Module:
 
 
 def expand_kernel(w: torch.Tensor, spec: LiftSpec, extent: int, transposed_stride: int | None = None) -> torch.Tensor:
-    """Turn a 2D kernel ``(A, B, kh, kw)`` into a 3D one with ``extent`` taps along the new axis.
-
-    ``inflate`` repeats the kernel ``extent`` times and divides by ``extent`` (for a transposed conv, by
-    the number of taps that reach one output, ``extent / stride``), so a volume constant along the new
-    axis gives the 2D response away from the borders. ``inflate_center`` puts the kernel in the
-    middle plane and zeros elsewhere. Other modes (and ``extent == 1``) only add the axis.
+    """Turn a 2D kernel ``(A, B, kh, kw)`` into a 3D one with ``extent`` taps along the new axis (the mode's ``fill``).
 
     Args:
         w: The 2D kernel.
-        spec: The lift spec.
+        spec: The lift spec (its mode has a ``fill``).
         extent: Kernel extent along the new axis.
         transposed_stride: Stride along the new axis for transposed convs, else ``None``.
 
@@ -52,15 +56,27 @@ def expand_kernel(w: torch.Tensor, spec: LiftSpec, extent: int, transposed_strid
         The 3D kernel.
     """
     dim = 2 + spec.new_dim
-    w = w.detach().unsqueeze(dim)
-    if extent == 1:
-        return w.clone()
-    if spec.mode == "inflate_center":
-        out = torch.zeros_like(w).repeat_interleave(extent, dim=dim)
-        out.narrow(dim, (extent - 1) // 2, 1).copy_(w)
-        return out
-    taps = extent / (transposed_stride or 1) if transposed_stride else extent
-    return w.repeat_interleave(extent, dim=dim) / taps
+    taps = extent / transposed_stride if transposed_stride else extent
+    return spec.mode.fill(w.detach().unsqueeze(dim), dim, extent, taps)
+
+
+def _keeps_size(kernel: int, padding: int | str, dilation: int, tf_same: bool) -> bool:
+    """Whether a stride-1 conv of this geometry keeps the length of an axis."""
+    if tf_same or padding == "same":
+        return True
+    if padding == "valid":
+        return kernel == 1
+    return 2 * padding == dilation * (kernel - 1)
+
+
+def _check_kept(spec: LiftSpec, m: nn.Module, path: str, k: int, s: int, p: int | str, d: int, tf_same: bool) -> None:
+    """Inside a kept prefix, a conv strided along the new axis must keep the axis' length at stride 1."""
+    if spec.keep_axis and s != 1 and not _keeps_size(k, p, d, tf_same):
+        raise LiftError(
+            f"cannot keep the resolution along axis {spec.axis!r}: at stride 1 a kernel of {k} with padding {p!r} "
+            "changes the length (keep_axis_resolution needs odd kernels with size-keeping padding there)",
+            path=path, module_type=type_name(m),
+        )
 
 
 def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) -> nn.Module:
@@ -70,51 +86,71 @@ def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) ->
     if tf_same:
         p = (0, 0)
     bias = m.bias is not None
-    if spec.mode in ACS_MODES:
+    replicate = spec.new_dim if spec.axis_padding == "replicate" else None
+    if spec.mode.acs_family:
         if s[0] != s[1]:
             raise LiftError(
-                f"ACS needs the same stride on both axes, got {s}", path=path, module_type=type_name(m), modes=_DENSE_OK
+                f"ACS needs the same stride on both axes, got {s}", path=path, module_type=type_name(m),
+                modes=dense_modes(),
             )
+        _check_kept(spec, m, path, k[0], s[0], p if isinstance(p, str) else p[0], d[0], tf_same)
+        strides = spec.triple(s, 1 if spec.keep_axis else s[0])
         try:
             new = ACSConv3d(
-                m.in_channels, m.out_channels, k, s[0], "tf_same" if tf_same else p, d, m.groups, bias,
-                m.padding_mode, spec.mode,
+                m.in_channels, m.out_channels, k, strides, "tf_same" if tf_same else p, d, m.groups, bias,
+                m.padding_mode, spec.mode.name, replicate_dim=replicate,
             )
         except ValueError as err:
-            raise LiftError(str(err), path=path, module_type=type_name(m), modes=_DENSE_OK) from None
+            raise LiftError(str(err), path=path, module_type=type_name(m), modes=dense_modes()) from None
         with torch.no_grad():
             new.weight.copy_(m.weight)
             if bias:
                 new.bias.copy_(m.bias)
         return _like(new, m)
     k3, s3, p3, d3 = spec.lift_geometry(k, s, p, d)
+    kn, pn = k3[spec.new_dim], p3 if isinstance(p3, str) else p3[spec.new_dim]
+    _check_kept(spec, m, path, kn, s[0] if s[0] == s[1] else 1, pn, d3[spec.new_dim], tf_same)
     if isinstance(p3, str) and p3 == "same" and any(x != 1 for x in s3):
         raise LiftError("padding='same' with stride > 1 has no 3D counterpart", path=path, module_type=type_name(m))
-    cls = SameConv3d if tf_same else nn.Conv3d
-    new = cls(
+    if replicate is not None and (kn == 1 or p3 == "valid" or (not tf_same and pn == 0)):
+        replicate = None  # nothing to pad along the new axis
+    if replicate is not None and isinstance(p3, str):
+        raise LiftError(f"axis_padding='replicate' needs integer padding, got padding={p3!r}", path=path,
+                        module_type=type_name(m))
+    new = LiftedConv3d(
         m.in_channels, m.out_channels, k3, s3, 0 if tf_same else p3, d3, m.groups, bias,
-        "zeros" if tf_same else m.padding_mode,
+        "zeros" if tf_same else m.padding_mode, tf_same=tf_same, replicate_dim=replicate,
     )
-    if spec.mode != "conv3d":
+    if spec.mode.fill is not None:
         with torch.no_grad():
-            new.weight.copy_(expand_kernel(m.weight, spec, k3[spec.new_dim]))
+            new.weight.copy_(expand_kernel(m.weight, spec, kn))
             if bias:
                 new.bias.copy_(m.bias)
     return _like(new, m)
 
 
 def lift_conv_transpose(m: nn.ConvTranspose2d, spec: LiftSpec, path: str) -> nn.Module:
-    """Lift a ``ConvTranspose2d`` (ACS modes: :class:`ACSConvTranspose3d`)."""
-    if spec.mode in ACS_MODES:
+    """Lift a ``ConvTranspose2d`` (ACS modes: :class:`ACSConvTranspose3d`).
+
+    Inside a kept prefix a transposed conv whose kernel equals its stride along the new axis (one tap per output
+    plane) gets kernel 1 and stride 1 there: that one plane is the 2D kernel (the inflated kernel's repeated plane
+    times the taps it was divided by).
+    """
+    if spec.mode.acs_family:
         k, s, p, op, d = (as_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.output_padding, m.dilation))
         if m.groups != 1 or any(a != b for a, b in (k, s, p, op, d)) or m.padding_mode != "zeros":
             raise LiftError(
                 "ACS transposed convs need groups=1, zero padding and equal kernel/stride/padding/dilation on both "
                 f"axes, got groups={m.groups}, kernel {k}, stride {s}, padding {p}, output_padding {op}, dilation {d}",
-                path=path, module_type=type_name(m), modes=("inflate", "2.5d", "conv3d"),
+                path=path, module_type=type_name(m), modes=transpose_modes(),
+            )
+        if spec.keep_axis and s[0] != 1:
+            raise LiftError(
+                f"an ACS transposed conv cannot keep the resolution along axis {spec.axis!r}: its views carry the 2D "
+                "kernel along that axis", path=path, module_type=type_name(m), modes=transpose_modes(),
             )
         new = ACSConvTranspose3d(
-            m.in_channels, m.out_channels, k[0], s[0], p[0], op[0], d[0], m.bias is not None, spec.mode
+            m.in_channels, m.out_channels, k[0], s[0], p[0], op[0], d[0], m.bias is not None, spec.mode.name
         )
         with torch.no_grad():
             new.weight.copy_(m.weight)
@@ -124,19 +160,28 @@ def lift_conv_transpose(m: nn.ConvTranspose2d, spec: LiftSpec, path: str) -> nn.
     k3, s3, p3, d3 = spec.lift_geometry(m.kernel_size, m.stride, m.padding, m.dilation)
     op = as_pair(m.output_padding)
     new_op = 0 if (spec.per_slice or op[0] != op[1] or k3[spec.new_dim] == 1) else op[0]
+    if spec.keep_axis and as_pair(m.stride)[0] != 1 and k3[spec.new_dim] != 1:
+        s2 = as_pair(m.stride)[0]
+        if k3[spec.new_dim] != s2 or p3[spec.new_dim] or new_op:
+            raise LiftError(
+                f"cannot keep the resolution along axis {spec.axis!r}: only a transposed conv whose kernel equals its "
+                f"stride (and no padding) can, got kernel {k3[spec.new_dim]}, stride {s2}, padding "
+                f"{p3[spec.new_dim]}", path=path, module_type=type_name(m),
+            )
+        k3, p3 = spec.triple(m.kernel_size, 1), spec.triple(m.padding, 0)
     op3 = spec.triple(op, new_op)
     sn, kn = s3[spec.new_dim], k3[spec.new_dim]
-    if spec.mode == "inflate_center" and sn > 1:
+    if not spec.mode.strided_transpose and sn > 1:
         raise LiftError(
-            f"inflate_center on a transposed conv with stride {sn} along the new axis leaves "
+            f"{spec.mode.name} on a transposed conv with stride {sn} along the new axis leaves "
             f"{sn - 1} of every {sn} output planes without input",
-            path=path, module_type=type_name(m), modes=("inflate", "2.5d", "conv3d"),
+            path=path, module_type=type_name(m), modes=transpose_modes(),
         )
     bias = m.bias is not None
     new = nn.ConvTranspose3d(
         m.in_channels, m.out_channels, k3, s3, p3, op3, m.groups, bias, d3, m.padding_mode
     )
-    if spec.mode != "conv3d":
+    if spec.mode.fill is not None:
         with torch.no_grad():
             new.weight.copy_(expand_kernel(m.weight, spec, kn, transposed_stride=sn))
             if bias:
@@ -177,13 +222,15 @@ def lift_groupnorm(m: nn.GroupNorm, spec: LiftSpec, path: str) -> nn.Module:
 
 def lift_maxpool(m: nn.MaxPool2d, spec: LiftSpec, path: str) -> nn.Module:
     """MaxPool2d -> MaxPool3d (2.5d: extent 1 along the slice axis)."""
-    k3, s3, p3, d3 = spec.lift_geometry(m.kernel_size, m.stride if m.stride else m.kernel_size, m.padding, m.dilation)
+    k3, s3, p3, d3 = spec.lift_geometry(
+        m.kernel_size, m.stride if m.stride else m.kernel_size, m.padding, m.dilation, pool=True
+    )
     return nn.MaxPool3d(k3, s3, p3, d3, m.return_indices, m.ceil_mode)
 
 
 def lift_avgpool(m: nn.AvgPool2d, spec: LiftSpec, path: str) -> nn.Module:
     """AvgPool2d -> AvgPool3d (a divisor override is scaled by the new extent)."""
-    k3, s3, p3, _ = spec.lift_geometry(m.kernel_size, m.stride if m.stride else m.kernel_size, m.padding)
+    k3, s3, p3, _ = spec.lift_geometry(m.kernel_size, m.stride if m.stride else m.kernel_size, m.padding, pool=True)
     div = m.divisor_override
     if div:
         div = div * k3[spec.new_dim]
@@ -278,6 +325,6 @@ TORCH_3D = frozenset(
         nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d,
         nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.Dropout3d, nn.ZeroPad3d, nn.ConstantPad3d,
         nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d, SliceGroupNorm, SliceInstanceNorm,
-        AvgPool3dAnySize,
+        AvgPool3dAnySize, LiftedConv3d,
     }
 )

@@ -23,14 +23,17 @@ on the layers it supports.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .modes import REGISTRY, LiftMode, split_sizes
+from .spec import as_pair
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -70,13 +73,15 @@ def tf_same_pads(length: int, kernel: int, stride: int, dilation: int) -> tuple[
     return total // 2, total - total // 2
 
 
-def pad_or_crop(x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode: str = "zeros") -> torch.Tensor:
+def pad_or_crop(
+    x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode: str | Sequence[str] = "zeros"
+) -> torch.Tensor:
     """Pad (positive) or crop (negative) the three spatial dimensions of a 5D tensor.
 
     Args:
         x: ``(B, C, X, Y, Z)`` tensor.
         pads: ``((xl, xr), (yl, yr), (zl, zr))``.
-        padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+        padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``; or one of them per spatial axis.
 
     Returns:
         The padded / cropped tensor.
@@ -89,46 +94,206 @@ def pad_or_crop(x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode: 
             if stop <= start:
                 raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for this layer")
             x = x.narrow(dim, start, stop - start)
-    flat: list[int] = []
-    for left, right in reversed(list(pads)):
-        flat += [max(left, 0), max(right, 0)]
-    if any(flat):
-        x = F.pad(x, flat, mode=_PAD_MODES[padding_mode])
+    modes = (padding_mode,) * 3 if isinstance(padding_mode, str) else tuple(padding_mode)
+    for mode in dict.fromkeys(modes):  # one F.pad per distinct mode (they commute: each maps indices per axis)
+        flat: list[int] = []
+        for (left, right), axis_mode in reversed(list(zip(pads, modes, strict=True))):
+            flat += [max(left, 0), max(right, 0)] if axis_mode == mode else [0, 0]
+        if any(flat):
+            x = F.pad(x, flat, mode=_PAD_MODES[mode])
     return x
 
 
-class SameConv3d(nn.Conv3d):
-    """``nn.Conv3d`` with TensorFlow "SAME" padding computed from the input size at every call.
+def padding_modes(padding_mode: str, replicate_dim: int | None) -> tuple[str, str, str]:
+    """Padding mode per spatial axis: ``padding_mode``, except ``replicate`` along ``replicate_dim`` (0..2)."""
+    return tuple("replicate" if d == replicate_dim else padding_mode for d in range(3))  # type: ignore[return-value]
 
-    The 3D twin of ``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding`` (efficientnet-pytorch)
-    and timm's ``Conv2dSame``: their padding is computed for a 2D image size, so it must be recomputed
-    per axis for any 3D size.
+
+#: Spatial voxels per sample from which lifted 3D convolutions compute in ``channels_last_3d`` (see conv_layout).
+CHANNELS_LAST_MIN_VOXELS = 32**3
+
+
+def in_layout(x: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+    """``x`` in ``layout`` (a copy unless it already is); ``None`` keeps it as it is."""
+    if layout is None or x.is_contiguous(memory_format=layout):
+        return x
+    return x.contiguous(memory_format=layout)
+
+
+def conv_layout(x: torch.Tensor) -> torch.memory_format | None:
+    """The layout a lifted 3D convolution computes the 5D ``x`` in.
+
+    oneDNN's 3D kernels on this CPU (``benchmarks/lift_ops.py --layouts``): ``channels_last_3d`` takes 0.5-0.8x the
+    time of the standard layout from 32^3 voxels per sample (the few-channel, high-resolution layers that dominate a
+    U-Net's step), about the same at 8^3-16^3 and up to 1.8x at 4^3. So: channels-last from
+    :data:`CHANNELS_LAST_MIN_VOXELS`, the standard layout below. ``None`` (keep) under
+    ``operator_choice(channels_last=False)``.
     """
+    if not _CHOICE["channels_last"]:
+        return None
+    if math.prod(x.shape[2:]) >= CHANNELS_LAST_MIN_VOXELS:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4D ``x`` in the ``channels_last`` layout (a copy unless it already is, or :func:`operator_choice` says not).
+
+    For 2D convolutions on stacks of slices (the slice attention encoder): resnet18 on 128 slices of 64^2 trains
+    10 % faster in it on this CPU.
+    """
+    return in_layout(x, torch.channels_last if _CHOICE["channels_last"] else None)
+
+
+class LiftedConv3d(nn.Conv3d):
+    """The dense 3D convolution of a lifted model: ``nn.Conv3d`` (same state dict) computed in ``channels_last_3d``,
+    with TensorFlow "SAME" padding and/or the border slices repeated along one axis where asked.
+
+    Layout: large maps compute in ``channels_last_3d``, where oneDNN's 3D kernels run faster on CPU
+    (:func:`conv_layout`), except depthwise convolutions with a stride (3-4x slower there); the output has the
+    layout the convolution computed in. Values do not depend on the layout.
+
+    With ``tf_same`` the padding is computed from the input size at every call: the 3D twin of
+    ``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding`` (efficientnet-pytorch) and timm's ``Conv2dSame``,
+    whose padding was computed for one 2D image size. Along ``replicate_dim`` (a spatial index 0..2, or ``None``)
+    the border slices are repeated (``lift(..., axis_padding="replicate")``); the other axes pad with
+    ``padding_mode``.
+
+    Args:
+        *args: As ``nn.Conv3d``.
+        tf_same: TensorFlow "SAME" padding (the ``padding`` argument is then ignored).
+        replicate_dim: Spatial axis padded by repeating its border slices.
+        **kwargs: As ``nn.Conv3d``.
+    """
+
+    def __init__(self, *args: object, tf_same: bool = False, replicate_dim: int | None = None, **kwargs: object):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if isinstance(self.padding, str) and (tf_same or replicate_dim is not None):
+            raise ValueError(f"explicit padding needs integer padding, got padding={self.padding!r}")
+        self.tf_same, self.replicate_dim = tf_same, replicate_dim
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the convolution may compute in ``channels_last_3d`` (:func:`conv_layout`): all but strided
+        depthwise ones (3-4x slower in it)."""
+        depthwise = self.groups > 1 and self.groups == self.in_channels
+        return not (depthwise and max(self.stride) > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True)
-        pads = [tf_same_pads(n, k, s, d) for n, k, s, d in geometry]
-        return F.conv3d(pad_or_crop(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        layout = conv_layout(x)
+        if layout is not None and not self.channels_last:
+            layout = torch.contiguous_format
+        # the output too: with one input channel torch cannot tell the layouts apart and returns the standard one
+        return in_layout(self._conv(in_layout(x, layout)), layout)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tf_same and self.replicate_dim is None:
+            return super().forward(x)
+        if self.tf_same:
+            geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True)
+            pads = [tf_same_pads(n, k, s, d) for n, k, s, d in geometry]
+        else:
+            pads = [(p, p) for p in self.padding]
+        modes = padding_modes(self.padding_mode, self.replicate_dim)
+        if set(modes) == {"zeros"} and all(lo == hi for lo, hi in pads):
+            padding = tuple(lo for lo, _ in pads)
+        else:
+            x, padding = pad_or_crop(x, pads, modes), (0, 0, 0)
+        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        s = super().extra_repr() + (", padding=tf_same" if self.tf_same else "")
+        return s + (f", replicate_dim={self.replicate_dim}" if self.replicate_dim is not None else "")
 
 
-def mix_views(module: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """Combines the per-view outputs of an ACS-family layer and adds its bias.
+#: Output voxels per sample from which ``soft`` / ``mean`` convolutions take the dense path (see ACSConv3d.path).
+DENSE_MIN_VOXELS = 16**3
+_PATH_NAMES = ("views", "dense")
+#: Forced operator choices: the ACS path (None: by shape) and whether lifted convs compute in channels-last.
+_CHOICE: dict[str, str | bool | None] = {"path": None, "channels_last": True}
 
-    `acs`: the views are the three channel groups, concatenated; `mean`: the three full views averaged; `soft`:
-    mixed per channel by the softmax of `module.soft_w_core`.
+
+@contextlib.contextmanager
+def operator_choice(path: str | None = None, channels_last: bool = True) -> Iterator[None]:
+    """Within the block, lifted convolutions compute as told instead of choosing by shape.
+
+    Args:
+        path: ``"views"`` (the reference: one thin convolution per view) or ``"dense"`` for every
+            :class:`ACSConv3d` with a square kernel; ``None`` chooses per call (:meth:`ACSConv3d.path`).
+        channels_last: ``False`` keeps every input's layout (no ``channels_last_3d`` conversion). ``path="views"``
+            with ``channels_last=False`` is the reference implementation, the operators before they were tuned.
+
+    Raises:
+        ValueError: For an unknown ``path``.
     """
-    if module.mode == "acs":
-        out = torch.cat(views, 1) if len(views) > 1 else views[0]
-    elif module.mode == "mean":
-        out = (views[0] + views[1] + views[2]) / 3
-    else:
-        w = module.soft_w_core.softmax(-1).t().reshape(3, 1, -1, 1, 1, 1)
-        out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
-    if module.bias is not None:
-        out = out + module.bias.view(1, -1, 1, 1, 1)
-    return out
+    if path is not None and path not in _PATH_NAMES:
+        raise ValueError(f"unknown ACS path {path!r}; valid paths are {_PATH_NAMES} or None")
+    before = dict(_CHOICE)
+    _CHOICE.update(path=path, channels_last=channels_last)
+    try:
+        yield
+    finally:
+        _CHOICE.update(before)
 
-class ACSConv3d(nn.Module):
+
+def acs_mode(name: str, who: str) -> LiftMode:
+    """The declaration of an ACS-family mode, or a ValueError listing them."""
+    mode = REGISTRY.get(name)
+    if mode is None or not mode.acs_family:
+        valid = [m.name for m in REGISTRY.values() if m.acs_family]
+        raise ValueError(f"{who} mode must be one of {valid}, got {name!r}")
+    return mode
+
+
+class ACSLayer(nn.Module):
+    """Base of the ACS-family operators: the mode, which output channels each view computes, and their mixing.
+
+    Args:
+        out_channels: Output channels.
+        mode: An ACS-family mode (``acs``, ``soft``, ``mean``).
+        acs_kernel_split: Output channels per view when the mode splits them; balanced like ``acsconv`` by default.
+    """
+
+    def __init__(self, out_channels: int, mode: str, acs_kernel_split: Sequence[int] | None = None) -> None:
+        super().__init__()
+        declared = acs_mode(mode, type(self).__name__)
+        self.out_channels, self.mode = out_channels, mode
+        if declared.learned_mix:
+            self.soft_w_core = nn.Parameter(torch.zeros(out_channels, 3))
+        split = split_sizes(out_channels) if acs_kernel_split is None else tuple(acs_kernel_split)
+        if sum(split) != out_channels:
+            raise ValueError(f"acs_kernel_split {split} does not sum to {out_channels}")
+        self.acs_kernel_split = split
+
+    def view_channels(self, view: int) -> tuple[int, int]:
+        """Output channels ``[lo, hi)`` the view computes: its group when the mode splits them, else all."""
+        if not REGISTRY[self.mode].split_channels:
+            return 0, self.out_channels
+        lo = sum(self.acs_kernel_split[:view])
+        return lo, lo + self.acs_kernel_split[view]
+
+    def active_views(self) -> list[int]:
+        """The views that compute at least one output channel."""
+        return [v for v in range(3) if self.view_channels(v)[1] > self.view_channels(v)[0]]
+
+    def mix_views(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Combines the outputs of :meth:`active_views` and adds the bias.
+
+        A mode that splits the channels (``acs``) gives each view's channel group: they are concatenated. Otherwise
+        every view holds every channel: they are summed, weighted per channel by the mode's ``view_weights``.
+        """
+        mode = REGISTRY[self.mode]
+        if mode.split_channels:
+            out = torch.cat(views, 1) if len(views) > 1 else views[0]
+        else:
+            w = mode.view_weights(self).t().reshape(3, 1, -1, 1, 1, 1)
+            out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1, 1)
+        return out
+
+
+class ACSConv3d(ACSLayer):
     """ACS convolution (``acs``), soft ACS (``soft``) and mean ACS (``mean``) over a 2D kernel.
 
     The 2D weight ``(out, in / groups, kh, kw)`` is kept as is (same parameters as the 2D layer).
@@ -150,15 +315,16 @@ class ACSConv3d(nn.Module):
         in_channels: Input channels.
         out_channels: Output channels.
         kernel_size: Kernel extent, an int or ``(kh, kw)``.
-        stride: Stride (same on every axis).
+        stride: Stride: one for every axis, or one per spatial axis ``(sx, sy, sz)``.
         padding: Padding per side (an int or ``(ph, pw)``), ``"same"``, ``"valid"``, or ``"tf_same"``
             (TensorFlow SAME, computed from the input size).
         dilation: Dilation, an int or ``(dh, dw)``.
         groups: Conv groups.
         bias: Whether to add a bias.
         padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
-        mode: ``acs``, ``soft`` or ``mean``.
+        mode: An ACS-family mode: ``acs``, ``soft`` or ``mean``.
         acs_kernel_split: Output channels per view for ``acs``; balanced like ``acsconv`` by default.
+        replicate_dim: Spatial axis (0..2) padded by repeating its border slices instead of ``padding_mode``.
     """
 
     def __init__(
@@ -166,7 +332,7 @@ class ACSConv3d(nn.Module):
         in_channels: int,
         out_channels: int,
         kernel_size: int | tuple[int, int],
-        stride: int = 1,
+        stride: int | tuple[int, int, int] = 1,
         padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
@@ -174,39 +340,31 @@ class ACSConv3d(nn.Module):
         padding_mode: str = "zeros",
         mode: str = "acs",
         acs_kernel_split: tuple[int, int, int] | None = None,
+        replicate_dim: int | None = None,
     ) -> None:
-        super().__init__()
-        if mode not in ("acs", "soft", "mean"):
-            raise ValueError(f"ACSConv3d mode must be 'acs', 'soft' or 'mean', got {mode!r}")
+        super().__init__(out_channels, mode, acs_kernel_split)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
         if padding_mode not in _PAD_MODES:
             raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
-        kernel, dil = _pair(kernel_size), _pair(dilation)
-        pad = padding if isinstance(padding, str) else _pair(padding)
+        kernel, dil = as_pair(kernel_size), as_pair(dilation)
+        pad = padding if isinstance(padding, str) else as_pair(padding)
+        strides = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         self.isotropic = kernel[0] == kernel[1] and dil[0] == dil[1] and (isinstance(pad, str) or pad[0] == pad[1])
         if not self.isotropic:
-            keeps_size = pad == "same" or (pad == "tf_same" and stride == 1) or (
+            keeps_size = pad == "same" or (pad == "tf_same" and set(strides) == {1}) or (
                 not isinstance(pad, str) and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, pad, dil, strict=True))
             )
-            if stride != 1 or not keeps_size:
+            if set(strides) != {1} or not keeps_size:
                 raise ValueError(
                     f"a non-square ACS kernel {kernel} needs stride 1 and size-keeping padding, got stride {stride}, "
                     f"padding {padding}"
                 )
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation, self.groups = kernel, stride, dil, groups
-        self.padding, self.padding_mode, self.mode = pad, padding_mode, mode
+        self.in_channels = in_channels
+        self.kernel_size, self.stride, self.dilation, self.groups = kernel, strides, dil, groups
+        self.padding, self.padding_mode, self.replicate_dim = pad, padding_mode, replicate_dim
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        if mode == "soft":
-            self.soft_w_core = nn.Parameter(torch.zeros(out_channels, 3))
-        if acs_kernel_split is None:
-            base, rest = divmod(out_channels, 3)
-            acs_kernel_split = tuple(base + (1 if i < rest else 0) for i in range(3))
-        if sum(acs_kernel_split) != out_channels:
-            raise ValueError(f"acs_kernel_split {acs_kernel_split} does not sum to {out_channels}")
-        self.acs_kernel_split = tuple(acs_kernel_split)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -217,11 +375,11 @@ class ACSConv3d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _pads(self, length: int, i: int) -> tuple[int, int]:
-        """Padding of an axis of ``length`` that carries the 2D kernel's dim ``i``."""
+    def _pads(self, length: int, i: int, axis: int) -> tuple[int, int]:
+        """Padding of spatial ``axis`` (of ``length``) when it carries the 2D kernel's dim ``i``."""
         k, d = self.kernel_size[i], self.dilation[i]
         if self.padding == "tf_same":
-            return tf_same_pads(length, k, self.stride, d)
+            return tf_same_pads(length, k, self.stride[axis], d)
         if self.padding == "same":
             total = d * (k - 1)
             return total // 2, total - total // 2
@@ -229,40 +387,93 @@ class ACSConv3d(nn.Module):
             return 0, 0
         return self.padding[i], self.padding[i]
 
-    def _view(self, x: torch.Tensor, view: int) -> torch.Tensor:
+    def view_geometry(self, shape: Sequence[int], view: int) -> tuple[list[tuple[int, int]], tuple[int, int, int]]:
+        """Padding per spatial axis and dilation of the view thin along spatial axis ``view``, for input ``shape``.
+
+        The thin axis reads the centre tap of the cubic footprint, with that footprint's padding (negative: crop).
+        """
         plane = [a for a in range(3) if a != view]
         view_pads: list[tuple[int, int]] = [(0, 0)] * 3
         dilation = [1, 1, 1]
         for i, axis in enumerate(plane):
-            view_pads[axis] = self._pads(x.shape[2 + axis], i)
+            view_pads[axis] = self._pads(shape[2 + axis], i, axis)
             dilation[axis] = self.dilation[i]
         if self.isotropic:
-            # the thin axis reads the centre tap of the cubic footprint, with that footprint's padding
             k, d = self.kernel_size[0], self.dilation[0]
             centre = (k - 1) // 2
-            left, right = self._pads(x.shape[2 + view], 0)
+            left, right = self._pads(shape[2 + view], 0, view)
             view_pads[view] = (left - centre * d, right - (k - 1 - centre) * d)
-        native = self.padding_mode == "zeros" and all(lo == hi and lo >= 0 for lo, hi in view_pads)
+        return view_pads, tuple(dilation)  # type: ignore[return-value]
+
+    def _view(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        view_pads, dilation = self.view_geometry(x.shape, view)
+        modes = padding_modes(self.padding_mode, self.replicate_dim)
+        native = set(modes) == {"zeros"} and all(lo == hi and lo >= 0 for lo, hi in view_pads)
         conv_padding = tuple(lo for lo, _ in view_pads) if native else 0
-        split = self.acs_kernel_split
-        lo = sum(split[:view]) if self.mode == "acs" else 0
-        hi = lo + split[view] if self.mode == "acs" else self.out_channels
+        lo, hi = self.view_channels(view)
         outs = []
         for o_lo, o_hi, i_lo, i_hi, groups in _group_pieces(lo, hi, self.out_channels, self.in_channels, self.groups):
             xin = x if (i_lo == 0 and i_hi == x.shape[1]) else x[:, i_lo:i_hi]
             if not native:
-                xin = pad_or_crop(xin, view_pads, self.padding_mode)
+                xin = pad_or_crop(xin, view_pads, modes)
             weight = self.weight[o_lo:o_hi].unsqueeze(2 + view)
-            outs.append(F.conv3d(xin, weight, None, self.stride, conv_padding, tuple(dilation), groups))
+            outs.append(F.conv3d(xin, weight, None, self.stride, conv_padding, dilation, groups))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def path(self, shape: Sequence[int]) -> str:
+        """How :meth:`forward` computes an input of ``shape``: ``"views"`` or ``"dense"``.
+
+        ``dense`` is one convolution whose cubic kernel holds the three views' planes mixed by the view weights
+        (:meth:`dense_kernel`): the same FLOPs as the three views for ``soft`` / ``mean`` with ``k = 3``, one call
+        instead of three and no full-size intermediates, and for a ``1 x 1`` kernel one convolution in every mode.
+        ``views`` is the reference (one thin convolution per view, as ``acsconv`` computes them). Measured on CPU
+        (2 threads, oneDNN; ``benchmarks/lift_ops.py --paths``): dense pays from :data:`DENSE_MIN_VOXELS` output
+        voxels per sample on (a padded cubic kernel on a tiny map costs more than three thin ones), and never for
+        ``acs`` with ``k > 1`` (three times its FLOPs). :func:`operator_choice` forces one path.
+        """
+        forced = _CHOICE["path"]
+        if not self.isotropic:
+            return "views"
+        if forced is not None:
+            return forced
+        if self.kernel_size[0] == 1:
+            return "dense"
+        if REGISTRY[self.mode].split_channels:
+            return "views"
+        voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))
+        return "dense" if voxels >= DENSE_MIN_VOXELS else "views"
+
+    def dense_kernel(self) -> torch.Tensor:
+        """The cubic kernel ``(out, in / groups, k, k, k)`` equal to the mixed views: each view's weighted 2D kernel
+        in the centre plane across its thin axis."""
+        k = self.kernel_size[0]
+        centre = (k - 1) // 2
+        weights = REGISTRY[self.mode].view_weights(self)
+        kernel = 0
+        for view in range(3):
+            plane = self.weight * weights[:, view].view(-1, 1, 1, 1)
+            pads = [0, 0] * 3
+            pads[2 * (2 - view)] = centre  # F.pad lists the last dim first
+            pads[2 * (2 - view) + 1] = k - 1 - centre
+            kernel = kernel + F.pad(plane.unsqueeze(2 + view), pads)
+        return kernel
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        pads = [self._pads(n, 0, axis) for axis, n in enumerate(x.shape[2:])]
+        modes = padding_modes(self.padding_mode, self.replicate_dim)
+        if set(modes) == {"zeros"} and all(lo == hi for lo, hi in pads):
+            padding = tuple(lo for lo, _ in pads)
+        else:
+            x, padding = pad_or_crop(x, pads, modes), 0
+        return F.conv3d(x, self.dense_kernel(), self.bias, self.stride, padding, self.dilation[0], self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         check_5d(x, type(self).__name__)
-        if self.mode == "acs":
-            views = [self._view(x, v) for v in range(3) if self.acs_kernel_split[v]]
-        else:
-            views = [self._view(x, v) for v in range(3)]
-        return mix_views(self, views)
+        layout = conv_layout(x)
+        x = in_layout(x, layout)
+        if self.path(x.shape) == "dense":
+            return in_layout(self._dense(x), layout)
+        return in_layout(self.mix_views([self._view(x, v) for v in self.active_views()]), layout)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = (
@@ -273,20 +484,15 @@ class ACSConv3d(nn.Module):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
-        if self.mode == "acs":
+        if REGISTRY[self.mode].split_channels:
             s += f", acs_kernel_split={self.acs_kernel_split}"
         if self.bias is None:
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
+        if self.replicate_dim is not None:
+            s += f", replicate_dim={self.replicate_dim}"
         return s
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    a, b = value
-    return int(a), int(b)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -399,7 +605,7 @@ def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
     return (value,) * 3 if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
-class ACSConvTranspose3d(nn.Module):
+class ACSConvTranspose3d(ACSLayer):
     """Transposed ACS convolution (``acs``, ``soft``, ``mean``) over a 2D transposed kernel.
 
     A view applies the 2D transposed kernel in its plane; along its thin axis each input plane is
@@ -434,22 +640,17 @@ class ACSConvTranspose3d(nn.Module):
         bias: bool = True,
         mode: str = "acs",
     ) -> None:
-        super().__init__()
-        if mode not in ("acs", "soft", "mean"):
-            raise ValueError(f"ACSConvTranspose3d mode must be 'acs', 'soft' or 'mean', got {mode!r}")
-        self.in_channels, self.out_channels, self.mode = in_channels, out_channels, mode
+        super().__init__(out_channels, mode)
+        self.in_channels = in_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.output_padding, self.dilation = output_padding, dilation
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        if mode == "soft":
-            self.soft_w_core = nn.Parameter(torch.zeros(out_channels, 3))
-        base, rest = divmod(out_channels, 3)
-        self.acs_kernel_split = tuple(base + (1 if i < rest else 0) for i in range(3))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def _view(self, x: torch.Tensor, view: int, lo: int, hi: int) -> torch.Tensor:
+    def _view(self, x: torch.Tensor, view: int) -> torch.Tensor:
         k, s, p, op, d = self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation
+        lo, hi = self.view_channels(view)
         weight = self.weight[:, lo:hi].unsqueeze(2 + view)
         if s > 1:
             weight = weight.expand(*weight.shape[: 2 + view], s, *weight.shape[3 + view :])
@@ -472,12 +673,7 @@ class ACSConvTranspose3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         check_5d(x, type(self).__name__)
-        if self.mode == "acs":
-            bounds = [0, *itertools.accumulate(self.acs_kernel_split)]
-            views = [self._view(x, v, bounds[v], bounds[v + 1]) for v in range(3) if self.acs_kernel_split[v]]
-        else:
-            views = [self._view(x, v, 0, self.out_channels) for v in range(3)]
-        return mix_views(self, views)
+        return self.mix_views([self._view(x, v) for v in self.active_views()])
 
     def extra_repr(self) -> str:  # noqa: D102
         return (

@@ -28,9 +28,9 @@ def mode_3d(mode: str) -> str:
 
 
 def scale_triple(spec: LiftSpec, scale: float | Sequence[float]) -> tuple[float, float, float]:
-    """Scale factors per spatial axis: the new axis follows the in-plane ones when they agree (1 in 2.5d)."""
+    """Scale factors per spatial axis: the new axis follows the in-plane ones when they agree (1 in 2.5d or kept)."""
     h, w = as_pair(scale)
-    new = 1.0 if (spec.per_slice or h != w) else h
+    new = 1.0 if (spec.fixed_axis or h != w) else h
     return tuple(float(v) for v in spec.triple((h, w), new))  # type: ignore[return-value]
 
 
@@ -80,7 +80,7 @@ class Interpolate3d(nn.Module):
         """Build the lifted form of a 2D ``Upsample``."""
         if size is not None:
             h, w = as_pair(size)
-            new = None if (spec.per_slice or h != w) else h
+            new = None if (spec.fixed_axis or h != w) else h
             return cls(size=spec.triple((h, w), new), mode=mode, align_corners=align_corners)
         return cls(scale_factor=scale_triple(spec, scale_factor), mode=mode, align_corners=align_corners)
 

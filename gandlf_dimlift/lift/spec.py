@@ -1,4 +1,4 @@
-"""Modes, axes and the geometry that maps a 2D layer's arguments onto a 3D layer.
+"""Axes and the geometry that maps a 2D layer's arguments onto a 3D layer.
 
 GaNDLF's 3D tensors are ``(B, C, X, Y, Z)``. A 2D model sees ``(B, C, H, W)``. Lifting along an axis
 (the "new" axis, ``z`` by default: the slice axis) maps ``H`` and ``W`` onto the two other spatial
@@ -9,46 +9,44 @@ Along the new axis every layer gets the value its two in-plane dimensions agree 
 padding, dilation: a 3x3 stride-2 conv becomes 3x3x3 stride 2). When they disagree (a factorised
 ``1x7`` kernel, ``padding=(0, 3)``) the layer gets extent 1, stride 1, padding 0 along the new axis, so
 a factorised kernel stays factorised. In ``2.5d`` mode the new axis always gets extent 1, stride 1 and
-padding 0, so the lifted model is the 2D model applied to every slice.
+padding 0, so the lifted model is the 2D model applied to every slice. Inside the module paths given to
+``lift(..., keep_axis_resolution=...)`` nothing strides or resamples along the new axis (thick slices).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import LiftError
+from .modes import REGISTRY, LiftMode
 
-MODES: tuple[str, ...] = ("acs", "soft", "mean", "inflate", "inflate_center", "2.5d", "conv3d")
 AXES: tuple[str, ...] = ("x", "y", "z")
-
-#: Modes whose convolutions keep the 2D kernel and combine three orthogonal views.
-ACS_MODES = ("acs", "soft", "mean")
-#: Modes whose convolutions become dense 3D kernels (``nn.Conv3d``).
-DENSE_MODES = ("inflate", "inflate_center", "2.5d", "conv3d")
+#: Padding along the new axis (``lift(..., axis_padding=)``): as the 2D layer pads, or the border slices repeated.
+AXIS_PADDINGS: tuple[str, ...] = ("zeros", "replicate")
 
 
-def check_mode_axis(mode: Any, axis: Any) -> tuple[str, str]:
+def check_mode_axis(mode: Any, axis: Any) -> tuple[LiftMode, str]:
     """Validate ``mode`` and ``axis``.
 
     Args:
-        mode: One of :data:`MODES`.
+        mode: A name in :data:`~.modes.REGISTRY`.
         axis: One of :data:`AXES`.
 
     Returns:
-        The validated ``(mode, axis)``.
+        The mode's declaration and the validated axis.
 
     Raises:
         ValueError: When either is unknown; the message lists the valid values.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown lift mode {mode!r}; valid modes are {', '.join(map(repr, MODES))}")
+    if mode not in REGISTRY:
+        raise ValueError(f"unknown lift mode {mode!r}; valid modes are {', '.join(map(repr, REGISTRY))}")
     if axis not in AXES:
         raise ValueError(
             f"unknown lift axis {axis!r}; valid axes are {', '.join(map(repr, AXES))} "
             "(GaNDLF layout (B, C, X, Y, Z): 'z' is the last dimension, the slice axis)"
         )
-    return mode, axis
+    return REGISTRY[mode], axis
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,24 @@ class LiftSpec:
     """How one lift maps 2D layers to 3D layers.
 
     Attributes:
-        mode: The lift mode, one of :data:`MODES`.
+        mode: The lift mode's declaration.
         axis: The new axis, one of :data:`AXES`.
+        keep_prefixes: Module paths (dotted prefixes) inside which nothing strides or resamples along the new axis.
+        axis_padding: Padding of convolutions along the new axis, one of :data:`AXIS_PADDINGS`.
+        keep_axis: Whether the module being converted lies inside one of ``keep_prefixes`` (see :meth:`at`).
     """
 
-    mode: str
+    mode: LiftMode
     axis: str
+    keep_prefixes: tuple[str, ...] = ()
+    axis_padding: str = "zeros"
+    keep_axis: bool = False
+
+    def at(self, path: str) -> LiftSpec:
+        """The spec for the module at ``path``: ``keep_axis`` set inside a kept prefix (``""`` keeps the root)."""
+        if self.keep_axis or not any(p == "" or path == p or path.startswith(p + ".") for p in self.keep_prefixes):
+            return self
+        return replace(self, keep_axis=True)
 
     @property
     def new_dim(self) -> int:
@@ -76,7 +86,12 @@ class LiftSpec:
     @property
     def per_slice(self) -> bool:
         """Whether nothing may mix or resample along the new axis (``2.5d``)."""
-        return self.mode == "2.5d"
+        return self.mode.per_slice
+
+    @property
+    def fixed_axis(self) -> bool:
+        """Whether nothing may stride or resample along the new axis (per slice, or inside a kept prefix)."""
+        return self.mode.per_slice or self.keep_axis
 
     def triple(self, pair: Any, new: Any) -> tuple:
         """Place a 2D pair and a value for the new axis into a spatial triple.
@@ -96,15 +111,19 @@ class LiftSpec:
         return tuple(out)
 
     def lift_geometry(
-        self, kernel: Any, stride: Any = 1, padding: Any = 0, dilation: Any = 1
+        self, kernel: Any, stride: Any = 1, padding: Any = 0, dilation: Any = 1, *, pool: bool = False
     ) -> tuple[tuple, tuple, Any, tuple]:
         """Kernel, stride, padding and dilation triples for a lifted conv or pool.
+
+        Inside a kept prefix (:attr:`keep_axis`) the new axis gets stride 1; a pool strided along it gets extent 1
+        there (it does not pool along the axis). Transposed convs are adjusted by their converter.
 
         Args:
             kernel: 2D kernel size.
             stride: 2D stride.
             padding: 2D padding (ints, or the strings ``"same"`` / ``"valid"``, passed through).
             dilation: 2D dilation.
+            pool: Whether the layer is a pool.
 
         Returns:
             ``(kernel, stride, padding, dilation)`` as triples (padding stays a string if given as one).
@@ -118,6 +137,8 @@ class LiftSpec:
                 ns = s[0]
         else:
             nk, ns, np_, nd = k[0], s[0], (None if isinstance(p, str) else p[0]), d[0]
+        if self.keep_axis and ns != 1:
+            nk, ns, np_, nd = (1, 1, 0, 1) if pool else (nk, 1, np_, nd)
         padding3 = p if isinstance(p, str) else self.triple(p, np_)
         return self.triple(k, nk), self.triple(s, ns), padding3, self.triple(d, nd)
 

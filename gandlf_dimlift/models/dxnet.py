@@ -15,10 +15,10 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gandlf_dimlift import weights
+from gandlf_dimlift.lift import lift
 from gandlf_dimlift.models.builder import Architecture
 from gandlf_dimlift.models.common import (
     FinalLayer,
@@ -39,8 +39,6 @@ CONVERTERS = ("inflate", "inflate_center")
 SLICE_PADDINGS = ("zeros", "replicate")
 DEPTH = 5  # encoder stages, each halving the resolution: skips at /2 /4 /8 /16 /32
 PAPER_DECODER_CHANNELS = (256, 128, 64, 32, 16)
-# GaNDLF 3D layout is (B, C, X, Y, Z): the slice axis is the last spatial axis.
-SLICE_AXIS = -1
 
 
 def encoder_name(family: str, variant: str) -> str:
@@ -164,25 +162,24 @@ def parts(model: DXNet) -> weights.Parts:
 
 
 def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
-    """Lifts the 2D twin to 3D with the chosen converter, then applies slice strides and slice padding."""
-    from gandlf_dimlift.lift import lift
-
+    """Lifts the 2D twin to 3D with the chosen converter, slice strides and slice padding."""
+    keep = _kept_slice_resolution(model_2d, _slice_strides(options["slice_stride_from_stage"]))
     model_2d.dimension = 3  # the lifted forward checks for 5D input
     if options["converter_type"] == "inflate_center" and hasattr(model_2d, "decoder"):
         # A transposed conv of stride 2 has no centre form (every other output plane would get no input): its
         # kernel equals its stride, so inflating it (one tap per output plane) is the only transfer that keeps the
         # 2D response.
-        for stage in model_2d.decoder.stages:
-            stage.up = lift(stage.up, mode="inflate", axis="z")
+        for index, stage in enumerate(model_2d.decoder.stages):
+            kept = [""] if f"decoder.stages.{index}.up" in keep else []
+            stage.up = lift(stage.up, mode="inflate", axis="z", keep_axis_resolution=kept)
     try:
-        model = lift(model_2d, mode=options["converter_type"], axis="z")
+        model = lift(
+            model_2d, mode=options["converter_type"], axis="z", keep_axis_resolution=keep,
+            axis_padding=options["slice_padding"],
+        )
     finally:
         model_2d.dimension = 2
     model.dimension = 3
-    if options["slice_stride_from_stage"] > 1:
-        _make_anisotropic(model, _slice_strides(options["slice_stride_from_stage"]))
-    if options["slice_padding"] == "replicate":
-        _replicate_slice_padding(model)
     return model
 
 
@@ -191,88 +188,19 @@ def _encoder_stages(encoder: nn.Module) -> list[nn.Module]:
     return list(encoder.get_stages()[1 : DEPTH + 1])
 
 
-def _make_anisotropic(model: DXNet, slice_strides: tuple[int, ...]) -> None:
-    """Sets stride 1 along the slice axis in the encoder stages whose slice stride is 1, and the decoder to match.
-
-    The lifting core inflates isotropically; this only changes strides (no weights): TensorFlow-"same" convs
-    recompute their padding from the stride at every call, symmetric-padding convs of odd kernels keep the size at
-    stride 1. The decoder's transposed convs of those stages get kernel and stride 1 along the slice axis; an
-    inflated kernel there is the 2D kernel repeated (k = stride: one tap per output), so one plane of it is the
-    2D kernel.
-    """
+def _kept_slice_resolution(model: DXNet, slice_strides: tuple[int, ...]) -> list[str]:
+    """Module paths that keep the slice resolution: the encoder stages of slice stride 1 and the decoder's matching
+    upsampling convs (for `lift`'s `keep_axis_resolution`)."""
+    names = {id(module): name for name, module in model.encoder.named_modules()}
+    keep = []
     for stage, slice_stride in zip(_encoder_stages(model.encoder), slice_strides, strict=True):
-        if slice_stride != 1:
-            continue
-        for module in stage.modules():
-            if isinstance(module, nn.Conv3d) and module.stride[SLICE_AXIS] != 1:
-                module.stride = (*module.stride[:-1], 1)
-                if not (module.kernel_size[-1] % 2 or _is_tf_same(module)):
-                    raise ValueError(f"cannot keep the slice resolution through an even kernel {module.kernel_size}")
-    if not hasattr(model, "decoder"):
-        return
-    for stage, slice_stride in zip(model.decoder.stages, reversed(slice_strides), strict=True):
-        up = stage.up
-        if slice_stride == 1 and up.stride[SLICE_AXIS] != 1:
-            new = layer("ConvTranspose", 3)(
-                up.in_channels, up.out_channels, kernel_size=(*up.kernel_size[:-1], 1),
-                stride=(*up.stride[:-1], 1), bias=up.bias is not None,
-            )
-            with torch.no_grad():
-                new.weight.copy_(up.weight[..., :1] * (up.kernel_size[-1] / up.stride[-1]))
-                if up.bias is not None:
-                    new.bias.copy_(up.bias)
-            stage.up = new.to(up.weight.device).train(up.training)
-
-
-def _is_tf_same(conv: nn.Module) -> bool:
-    from gandlf_dimlift.lift.ops import SameConv3d
-
-    return isinstance(conv, SameConv3d)
-
-
-class SlicePaddedConv3d(nn.Conv3d):
-    """A lifted convolution whose padding along the slice axis repeats the border slices.
-
-    In-plane padding is that of the 2D layer (TensorFlow "same" or symmetric zeros). With an inflated kernel, a
-    volume constant along the slice axis then stays constant through every layer, squeeze-excitation included,
-    and the 3D network reproduces the 2D network on every slice.
-    """
-
-    def __init__(self, conv: nn.Conv3d, tf_same: bool):
-        super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation, conv.groups,
-            conv.bias is not None,
-        )
-        self.tf_same = tf_same
-        self.symmetric_padding = tuple(conv.padding) if not tf_same else (0, 0, 0)
-        self.load_state_dict(conv.state_dict())
-        self.to(conv.weight.device).train(conv.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from gandlf_dimlift.lift.ops import tf_same_pads
-
-        if self.tf_same:
-            geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True)
-            pads = [tf_same_pads(n, k, s, d) for n, k, s, d in geometry]
-        else:
-            pads = [(p, p) for p in self.symmetric_padding]
-        x = F.pad(x, (*pads[2], 0, 0, 0, 0), mode="replicate")
-        x = F.pad(x, (0, 0, *pads[1], *pads[0]))
-        return F.conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", slice_padding=replicate, tf_same={self.tf_same}"
-
-
-def _replicate_slice_padding(model: nn.Module) -> None:
-    """Replaces every conv with a kernel longer than 1 along the slice axis by a SlicePaddedConv3d."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Conv3d or _is_tf_same(child):
-                if child.kernel_size[-1] > 1 and (_is_tf_same(child) or child.padding[-1] > 0):
-                    if isinstance(child.padding, str):
-                        raise ValueError(f"cannot replicate-pad a conv with padding={child.padding!r}")
-                    setattr(parent, name, SlicePaddedConv3d(child, tf_same=_is_tf_same(child)))
+        if slice_stride == 1:
+            keep += [f"encoder.{names[id(block)]}" for block in stage.children()]
+    if hasattr(model, "decoder"):
+        for index, slice_stride in enumerate(reversed(slice_strides)):
+            if slice_stride == 1:
+                keep.append(f"decoder.stages.{index}.up")
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,7 +293,7 @@ DXNET = Architecture(
     summary="DX-Net: 2D EfficientNet B0-B7 (ImageNet or a trained Omnia-Net) inflated to a 3D U-Net or classifier.",
     make=functools.partial(make, architecture=DXNET_KEY),
     options=(PRETRAINED_3D, *COMMON_OPTIONS, *LIFT_OPTIONS),
-    lift=lambda model, spec, options: _lift(model, spec, options),
+    lift=_lift,
     parts=parts,
     check=functools.partial(check, architecture=DXNET_KEY),
     dimensions=(3,),

@@ -1,0 +1,167 @@
+"""The tuned operator paths equal the reference operators (forward and gradients), and the choice between them."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gandlf_dimlift.lift import lift
+from gandlf_dimlift.lift.ops import DENSE_MIN_VOXELS, ACSConv3d, LiftedConv3d, operator_choice, tf_same_pads
+
+CL = torch.channels_last_3d
+
+
+def _assert_same(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Equal within 1e-5 of each tensor's scale (fp32; gradients sum over the volume)."""
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+def _run(module: nn.Module, x: torch.Tensor, **choice) -> list[torch.Tensor]:
+    """Output and the gradients of input and parameters under an operator choice (a fixed, non-uniform loss)."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    with operator_choice(**choice):
+        y = module(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+REFERENCE = {"path": "views", "channels_last": False}
+
+# (kernel, stride, padding, dilation, groups): odd and even kernels, strides 1 and 2, groups, dilation
+GEOMETRIES = [
+    (3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (1, 2, 0, 1, 1), (5, 1, 2, 1, 4), (3, 1, 2, 2, 1), (2, 2, 0, 1, 1),
+    (3, 1, 0, 1, 1), (3, 1, "same", 1, 2), (3, 2, "tf_same", 1, 1), (4, 1, "tf_same", 1, 4),
+]
+
+
+@pytest.mark.parametrize("mode", ["acs", "soft", "mean"])
+@pytest.mark.parametrize(("k", "stride", "padding", "dilation", "groups"), GEOMETRIES)
+def test_acs_dense_path_equals_the_views(mode, k, stride, padding, dilation, groups) -> None:
+    torch.manual_seed(0)
+    conv = ACSConv3d(8, 12, k, stride, padding, dilation, groups, mode=mode)
+    if mode == "soft":
+        with torch.no_grad():
+            conv.soft_w_core.normal_()  # unequal mixing, so each view's weight matters
+    for shape in ((7, 8, 9), (6, 6, 6)):  # odd and even sizes
+        x = torch.randn(2, 8, *shape)
+        _assert_same(_run(conv, x, path="dense"), _run(conv, x, **REFERENCE))
+        _assert_same(_run(conv, x), _run(conv, x, **REFERENCE))  # the chosen path, channels-last
+
+
+@pytest.mark.parametrize(("padding_mode", "replicate_dim"), [("reflect", None), ("circular", 1), ("zeros", 2),
+                                                              ("replicate", None)])
+@pytest.mark.parametrize("mode", ["acs", "soft"])
+def test_acs_dense_path_padding_modes(padding_mode: str, replicate_dim: int | None, mode: str) -> None:
+    torch.manual_seed(0)
+    conv = ACSConv3d(6, 6, 3, (1, 2, 1), 1, 1, 2, padding_mode=padding_mode, mode=mode, replicate_dim=replicate_dim)
+    x = torch.randn(1, 6, 5, 8, 7)
+    _assert_same(_run(conv, x, path="dense"), _run(conv, x, **REFERENCE))
+
+
+class _PadThenConv(nn.Module):
+    """Reference: pad every axis in its own mode (TensorFlow "SAME" amounts when asked), then a valid conv."""
+
+    def __init__(self, conv: nn.Conv3d, modes: list[str], tf_same: bool) -> None:
+        super().__init__()
+        self.conv, self.modes, self.tf_same = conv, modes, tf_same
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for d in (2, 1, 0):
+            k, s = self.conv.kernel_size[d], self.conv.stride[d]
+            pad = tf_same_pads(x.shape[2 + d], k, s, 1) if self.tf_same else ((k - 1) // 2, (k - 1) // 2)
+            flat = [0] * 6
+            flat[2 * (2 - d) : 2 * (2 - d) + 2] = pad
+            x = F.pad(x, flat, mode={"zeros": "constant"}.get(self.modes[d], self.modes[d]))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(("groups", "stride", "padding_mode", "tf_same", "replicate_dim"), [
+    (1, 1, "zeros", False, None), (1, 2, "reflect", False, None), (6, 1, "zeros", True, None),
+    (6, 2, "zeros", True, None), (3, 2, "zeros", False, 2), (1, 1, "circular", False, 0), (2, 2, "zeros", True, 1),
+])
+def test_lifted_conv_in_channels_last_equals_the_reference(groups, stride, padding_mode, tf_same, replicate_dim):
+    torch.manual_seed(0)
+    conv = LiftedConv3d(6, 6, 3, stride, 0 if tf_same else 1, 1, groups, True, padding_mode, tf_same=tf_same,
+                        replicate_dim=replicate_dim)
+    modes = ["replicate" if d == replicate_dim else padding_mode for d in range(3)]
+    reference = _PadThenConv(nn.Conv3d(6, 6, 3, stride, 0, 1, groups, True), modes, tf_same)
+    reference.conv.load_state_dict(conv.state_dict())
+    for shape in ((7, 8, 9), (6, 6, 6)):
+        x = torch.randn(2, 6, *shape)
+        _assert_same(_run(conv, x), _run(reference, x, channels_last=False))
+
+
+def test_channels_last_choice_per_layer() -> None:
+    assert LiftedConv3d(4, 4, 3, 1, 1, groups=4).channels_last
+    assert not LiftedConv3d(4, 4, 3, 2, 1, groups=4).channels_last  # strided depthwise: slower in channels-last
+    assert LiftedConv3d(4, 8, 3, 2, 1, groups=2).channels_last
+    x = torch.randn(2, 4, 6, 6, 6)  # batch 2: torch runs oneDNN (a tiny batch of 1 takes its native kernel)
+    assert LiftedConv3d(4, 4, 3, 1, 1)(x).is_contiguous(memory_format=CL)
+    assert LiftedConv3d(4, 4, 3, 2, 1, groups=4)(x).is_contiguous()
+    with operator_choice(channels_last=False):
+        assert LiftedConv3d(4, 4, 3, 1, 1)(x).is_contiguous()
+
+
+def test_path_choice_on_both_branches() -> None:
+    big = (2, 4) + (16, 16, 16)  # DENSE_MIN_VOXELS output voxels per sample at stride 1
+    small = (2, 4) + (15, 16, 16)
+    assert 16**3 == DENSE_MIN_VOXELS
+    soft = ACSConv3d(4, 6, 3, 1, 1, mode="soft")
+    assert soft.path(big) == "dense" and soft.path(small) == "views"
+    strided = ACSConv3d(4, 6, 3, 2, 1, mode="mean")
+    assert strided.path((2, 4, 32, 32, 32)) == "dense" and strided.path((2, 4, 30, 32, 32)) == "views"
+    acs = ACSConv3d(4, 6, 3, 1, 1, mode="acs")
+    assert acs.path(big) == "views"  # a cubic kernel would triple acs's FLOPs
+    assert ACSConv3d(4, 6, 1, 2, 0, mode="acs").path(small) == "dense"  # a 1x1 conv: every view is the same conv
+    assert ACSConv3d(4, 6, (1, 3), 1, (0, 1), mode="soft").path(big) == "views"  # non-square: views only
+    with operator_choice(path="views"):
+        assert soft.path(big) == "views"
+    with operator_choice(path="dense"):
+        assert acs.path(small) == "dense"
+    with pytest.raises(ValueError, match="unknown ACS path 'fast'; valid paths are"):
+        with operator_choice(path="fast"):
+            pass
+
+
+def test_soft_mixing_weights_get_gradients_in_the_dense_path() -> None:
+    # DDP (find_unused_parameters=False) needs a gradient for every parameter, on either path
+    for k in (1, 3):
+        conv = ACSConv3d(4, 6, k, 1, k // 2, mode="soft")
+        out = conv(torch.randn(1, 4, 16, 16, 16))
+        assert conv.path(out.shape) == "dense"
+        out.square().sum().backward()
+        assert conv.soft_w_core.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["acs", "soft", "inflate", "2.5d"])
+def test_lifted_model_equals_the_reference_and_returns_the_standard_layout(mode: str) -> None:
+    # float64: a network's parameter gradients are sums over the volume with cancellation (a soft mixing weight of
+    # a 1x1 conv has a zero gradient); in float32 their rounding alone exceeds any tolerance relative to them
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        nn.Conv2d(8, 8, 1), nn.Upsample(scale_factor=2), nn.Conv2d(8, 3, 3, padding=1),
+    ).double()
+    lifted = lift(net, mode).train()
+    x = torch.randn(2, 2, 16, 16, 16, dtype=torch.float64)
+    ours, ref = _run(lifted, x), _run(lifted, x, **REFERENCE)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, b.abs().max().item()))
+    assert ours[0].is_contiguous()
+
+
+def test_every_combination_of_choices_runs() -> None:
+    conv = ACSConv3d(4, 6, 3, 1, 1, mode="mean")
+    x = torch.randn(1, 4, 8, 8, 8)
+    outs = []
+    for path, layout in itertools.product(("views", "dense", None), (True, False)):
+        with operator_choice(path=path, channels_last=layout):
+            outs.append(conv(x))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
