@@ -34,9 +34,15 @@ def parameters(problem_type: str = "classification", dimension: int = 3, channel
     return {"model": model, "problem_type": problem_type, "patch_size": patch}
 
 
-def build(**options) -> SliceAttentionClassifier:
+def build(trained_head: bool = False, **options) -> SliceAttentionClassifier:
+    """The model from seed 0; `trained_head` gives the (zero-initialised) head random weights, as training would,
+    so that outputs and gradients depend on everything before it."""
     torch.manual_seed(0)
-    return ARCHITECTURE(parameters=parameters(**options))
+    model = ARCHITECTURE(parameters=parameters(**options))
+    if trained_head:
+        with torch.no_grad():
+            model.head.weight.normal_(0.0, model.features**-0.5)  # logits of about unit size
+    return model
 
 
 def n_slices(shape: tuple[int, ...], view: str) -> int:
@@ -64,7 +70,7 @@ def test_shapes_and_weights_every_pooling_and_axis(pooling: str, axis: str) -> N
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_permuting_slices_changes_nothing_without_position_encoding(pooling: str) -> None:
-    model = build(pooling=pooling).eval()
+    model = build(trained_head=True, pooling=pooling).eval()
     x = torch.randn(SHAPE)
     order = torch.randperm(SHAPE[-1], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -77,7 +83,7 @@ def test_permuting_slices_changes_nothing_without_position_encoding(pooling: str
 
 
 def test_position_encoding_makes_attention_order_aware() -> None:
-    model = build(pooling="attention", position_encoding=True).eval()
+    model = build(trained_head=True, pooling="attention", position_encoding=True).eval()
     with torch.no_grad():  # the projection starts at zero; give it a value as training would
         model.position.projection.weight.normal_(0, 1.0)
     x = torch.randn(SHAPE)
@@ -87,17 +93,28 @@ def test_position_encoding_makes_attention_order_aware() -> None:
     assert not torch.allclose(y, y_reversed, atol=1e-4)
 
 
-def test_attention_weights_are_the_head_average() -> None:
+def test_attention_pooling_is_torch_multihead_attention() -> None:
+    """The attention pooling computes what nn.MultiheadAttention computes, from the same state-dict keys (so
+    checkpoints written with nn.MultiheadAttention load), and the slice weights are its head-averaged attention."""
     model = build(pooling="attention", heads=4).eval()
+    torch.manual_seed(5)
+    reference = torch.nn.MultiheadAttention(model.features, 4, batch_first=True).eval()
+    with torch.no_grad():
+        reference.in_proj_bias.normal_()  # non-zero biases, as after training
+        reference.out_proj.bias.normal_()
+    model.pooling.attention.load_state_dict(reference.state_dict())  # strict: the same keys
     x = torch.randn(SHAPE)
     with torch.no_grad():
-        model(x)
         tokens = model.encode(model.slices(x, "z")).view(2, SHAPE[-1], -1)
-        _, per_head = model.pooling.attention(
+        expected, per_head = reference(
             tokens.mean(1, keepdim=True), tokens, tokens, need_weights=True, average_attn_weights=False
         )
+        pooled, weights = model.pooling(tokens)
+        model(x)
     assert per_head.shape == (2, 4, 1, SHAPE[-1])
-    assert torch.allclose(per_head.mean(1)[:, 0], model.last_slice_weights["z"], atol=1e-6)
+    assert torch.allclose(pooled, expected[:, 0], atol=1e-5)
+    assert torch.allclose(weights, per_head.mean(1)[:, 0], atol=1e-6)
+    assert torch.allclose(model.last_slice_weights["z"], weights, atol=1e-6)
 
 
 def test_regression_output_shape() -> None:
@@ -108,7 +125,7 @@ def test_regression_output_shape() -> None:
 
 def test_chunked_encoder_gives_the_same_result() -> None:
     x = torch.randn(SHAPE)
-    whole = build(slice_chunk_size=None).eval()
+    whole = build(trained_head=True, slice_chunk_size=None).eval()
     chunked = build(slice_chunk_size=5).eval()
     chunked.load_state_dict(whole.state_dict())
     with torch.no_grad():
@@ -116,16 +133,26 @@ def test_chunked_encoder_gives_the_same_result() -> None:
         assert torch.allclose(whole.last_slice_weights["z"], chunked.last_slice_weights["z"], atol=1e-6)
 
 
-def test_checkpointing_gives_the_same_gradients() -> None:
+def test_checkpointing_gives_the_same_gradients_and_running_statistics() -> None:
+    """Recomputing the encoder in the backward pass must normalise with the running statistics of the forward
+    (the slice encoder's batch renormalisation uses them) and must not update them a second time."""
     x = torch.randn(SHAPE)
-    grads = []
+    grads, buffers = [], []
+    start = build(trained_head=True).state_dict()
     for checkpointing in (False, True):
         model = build(slice_chunk_size=8, checkpointing=checkpointing).train()
-        model(x)[:, 1].sum().backward()
+        model.load_state_dict(start)  # (the first model built in a process may draw other weights from the seed)
+        for _ in range(2):  # the second step starts from running statistics the first one moved
+            model.zero_grad()
+            model(x)[:, 1].sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        buffers.append({n: b.clone() for n, b in model.named_buffers()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    assert int(buffers[1]["encoder.bn1.num_batches_tracked"]) == 2 * math.ceil(SHAPE[0] * SHAPE[-1] / 8)
+    for name in buffers[0]:
+        assert torch.allclose(buffers[0][name].float(), buffers[1][name].float(), atol=1e-6), name
 
 
 def test_encoder_frozen_for_the_first_steps_and_counter_is_saved() -> None:
