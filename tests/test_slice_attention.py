@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gandlf_dimlift.models.slice_attention import ARCHITECTURE, SliceAttentionClassifier
+from gandlf_dimlift.models.slice_attention import ARCHITECTURE, POOLED_NORM_KEY, BatchRenorm2d, SliceAttentionClassifier
 from gandlf_dimlift.models.slice_pooling import POOLINGS
 from gandlf_dimlift.options import ConfigError
 
@@ -34,9 +34,15 @@ def parameters(problem_type: str = "classification", dimension: int = 3, channel
     return {"model": model, "problem_type": problem_type, "patch_size": patch}
 
 
-def build(**options) -> SliceAttentionClassifier:
+def build(trained_head: bool = False, **options) -> SliceAttentionClassifier:
+    """The model from seed 0; `trained_head` gives the (zero-initialised) head random weights, as training would,
+    so that outputs and gradients depend on everything before it."""
     torch.manual_seed(0)
-    return ARCHITECTURE(parameters=parameters(**options))
+    model = ARCHITECTURE(parameters=parameters(**options))
+    if trained_head:
+        with torch.no_grad():
+            model.head.weight.normal_(0.0, model.features**-0.5)  # logits of about unit size
+    return model
 
 
 def n_slices(shape: tuple[int, ...], view: str) -> int:
@@ -64,7 +70,7 @@ def test_shapes_and_weights_every_pooling_and_axis(pooling: str, axis: str) -> N
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_permuting_slices_changes_nothing_without_position_encoding(pooling: str) -> None:
-    model = build(pooling=pooling).eval()
+    model = build(trained_head=True, pooling=pooling).eval()
     x = torch.randn(SHAPE)
     order = torch.randperm(SHAPE[-1], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -77,7 +83,7 @@ def test_permuting_slices_changes_nothing_without_position_encoding(pooling: str
 
 
 def test_position_encoding_makes_attention_order_aware() -> None:
-    model = build(pooling="attention", position_encoding=True).eval()
+    model = build(trained_head=True, pooling="attention", position_encoding=True).eval()
     with torch.no_grad():  # the projection starts at zero; give it a value as training would
         model.position.projection.weight.normal_(0, 1.0)
     x = torch.randn(SHAPE)
@@ -87,17 +93,28 @@ def test_position_encoding_makes_attention_order_aware() -> None:
     assert not torch.allclose(y, y_reversed, atol=1e-4)
 
 
-def test_attention_weights_are_the_head_average() -> None:
+def test_attention_pooling_is_torch_multihead_attention() -> None:
+    """The attention pooling computes what nn.MultiheadAttention computes, from the same state-dict keys (so
+    checkpoints written with nn.MultiheadAttention load), and the slice weights are its head-averaged attention."""
     model = build(pooling="attention", heads=4).eval()
+    torch.manual_seed(5)
+    reference = torch.nn.MultiheadAttention(model.features, 4, batch_first=True).eval()
+    with torch.no_grad():
+        reference.in_proj_bias.normal_()  # non-zero biases, as after training
+        reference.out_proj.bias.normal_()
+    model.pooling.attention.load_state_dict(reference.state_dict())  # strict: the same keys
     x = torch.randn(SHAPE)
     with torch.no_grad():
-        model(x)
         tokens = model.encode(model.slices(x, "z")).view(2, SHAPE[-1], -1)
-        _, per_head = model.pooling.attention(
+        expected, per_head = reference(
             tokens.mean(1, keepdim=True), tokens, tokens, need_weights=True, average_attn_weights=False
         )
+        pooled, weights = model.pooling(tokens)
+        model(x)
     assert per_head.shape == (2, 4, 1, SHAPE[-1])
-    assert torch.allclose(per_head.mean(1)[:, 0], model.last_slice_weights["z"], atol=1e-6)
+    assert torch.allclose(pooled, expected[:, 0], atol=1e-5)
+    assert torch.allclose(weights, per_head.mean(1)[:, 0], atol=1e-6)
+    assert torch.allclose(model.last_slice_weights["z"], weights, atol=1e-6)
 
 
 def test_regression_output_shape() -> None:
@@ -108,7 +125,7 @@ def test_regression_output_shape() -> None:
 
 def test_chunked_encoder_gives_the_same_result() -> None:
     x = torch.randn(SHAPE)
-    whole = build(slice_chunk_size=None).eval()
+    whole = build(trained_head=True, slice_chunk_size=None).eval()
     chunked = build(slice_chunk_size=5).eval()
     chunked.load_state_dict(whole.state_dict())
     with torch.no_grad():
@@ -116,16 +133,26 @@ def test_chunked_encoder_gives_the_same_result() -> None:
         assert torch.allclose(whole.last_slice_weights["z"], chunked.last_slice_weights["z"], atol=1e-6)
 
 
-def test_checkpointing_gives_the_same_gradients() -> None:
+def test_checkpointing_gives_the_same_gradients_and_running_statistics() -> None:
+    """Recomputing the encoder in the backward pass must normalise with the running statistics of the forward
+    (the slice encoder's batch renormalisation uses them) and must not update them a second time."""
     x = torch.randn(SHAPE)
-    grads = []
+    grads, buffers = [], []
+    start = build(trained_head=True).state_dict()
     for checkpointing in (False, True):
         model = build(slice_chunk_size=8, checkpointing=checkpointing).train()
-        model(x)[:, 1].sum().backward()
+        model.load_state_dict(start)  # (the first model built in a process may draw other weights from the seed)
+        for _ in range(2):  # the second step starts from running statistics the first one moved
+            model.zero_grad()
+            model(x)[:, 1].sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        buffers.append({n: b.clone() for n, b in model.named_buffers()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    assert int(buffers[1]["encoder.bn1.num_batches_tracked"]) == 2 * math.ceil(SHAPE[0] * SHAPE[-1] / 8)
+    for name in buffers[0]:
+        assert torch.allclose(buffers[0][name].float(), buffers[1][name].float(), atol=1e-6), name
 
 
 def test_encoder_frozen_for_the_first_steps_and_counter_is_saved() -> None:
@@ -215,6 +242,133 @@ def test_pretrained_encoder_from_a_file(tmp_path: Path) -> None:
             assert torch.equal(loaded.encoder.state_dict()[name], tensor), (path.name, name)
     with pytest.raises(ConfigError, match="does not exist"):
         ARCHITECTURE(parameters=parameters(pretrained=str(tmp_path / "missing.pth")))
+
+
+# --- training under GaNDLF's classification config (issue 12) --------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_logits_stay_small_for_the_first_steps_under_softmax_and_cel(pooling: str) -> None:
+    """GaNDLF's sample classification configs pair `final_layer: softmax` with `cel`, torch's cross-entropy of the
+    model's output: softmax twice, whose gradient vanishes once the logits are a few units apart. The head starts
+    at zero and sees the pooled feature layer-normalised, so a few Adam steps (lr 5e-4, batch 1) move the logits
+    by about lr x features per step."""
+    from GANDLF.compute.loss_and_metric import global_losses_dict  # (GANDLF.losses alone: a circular import)
+
+    model = build(pooling=pooling, encoder_depth=5).train()  # the default depth: 512 features
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
+    logits: list[torch.Tensor] = []
+    model.head.register_forward_hook(lambda module, args, output: logits.append(output.detach()))
+    torch.manual_seed(1)
+    for step in range(4):
+        x = torch.randn(1, 1, 32, 32, 8)
+        label = torch.tensor([step % 2])
+        x[..., 3:5] += 2.0 * label  # class 1: brighter slices
+        optimizer.zero_grad()
+        output = model(x)
+        assert torch.allclose(output.sum(1), torch.ones(1))  # the softmax final layer
+        global_losses_dict["cel"](output, label, {}).backward()
+        optimizer.step()
+    assert torch.equal(logits[0], torch.zeros_like(logits[0]))  # the zero head: no initial preference
+    gaps = [float((z[:, 1] - z[:, 0]).abs().max()) for z in logits]
+    # measured: at most 0.4 (before the fix, attention pooling: 0.7, 3.4, 4.8, 5.4)
+    assert max(gaps) < 1.0, f"logit gaps {gaps}: the doubled softmax saturates past a few units"
+
+
+def test_slice_encoder_trains_with_the_statistics_it_evaluates_with() -> None:
+    """Batch renormalisation in the slice encoder: in training a volume's output does not depend on the other
+    volumes of its batch and equals the evaluation output (plain batch norm standardised every channel over the
+    slices of the batch: at batch size 1 over one volume, unlike evaluation)."""
+    model = build(trained_head=True, final_layer="logits")
+    renorms = [m for m in model.encoder.modules() if isinstance(m, BatchRenorm2d)]
+    assert renorms and not [m for m in model.encoder.modules() if type(m) is torch.nn.BatchNorm2d]
+    x = torch.randn(3, 1, 20, 16, 12)
+    x[0, ..., 4:8] += 3.0
+    model.train()
+    for _ in range(3):  # running statistics away from their initial values
+        with torch.no_grad():
+            model(x)
+    for module in renorms:
+        module.momentum = 0.0  # compare outputs at fixed running statistics
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
+        model.eval()
+        evaluated = model(x)
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert torch.allclose(together, evaluated, atol=1e-4)
+
+
+def test_batch_renorm_has_batch_norms_gradient_and_state() -> None:
+    """With running statistics equal to the batch's, batch renormalisation is batch normalisation: same output,
+    same gradients; it holds batch norm's parameters and buffers (pretrained weights and checkpoints load)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5) * 3 + 1
+    reference = torch.nn.BatchNorm2d(4, momentum=0.0)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.normal_()
+        reference.running_mean.copy_(x.mean((0, 2, 3)))
+        reference.running_var.copy_(x.var((0, 2, 3), unbiased=False) + 0.0)
+    renorm = BatchRenorm2d(4, momentum=0.0)
+    renorm.load_state_dict(reference.state_dict())
+    outputs, grads = [], []
+    for module in (reference, renorm):
+        inputs = x.clone().requires_grad_()
+        output = module.train()(inputs)
+        (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+        outputs.append(output.detach())
+        grads.append((inputs.grad, module.weight.grad, module.bias.grad))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
+    for expected, got in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(expected, got, atol=1e-4)
+    assert list(renorm.state_dict()) == list(reference.state_dict())
+
+
+def test_checkpoints_from_before_the_pooled_normalisation_load_as_trained(caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint written before the pooled feature was layer-normalised has no such marker: it loads (strict,
+    as GaNDLF loads) and computes what it computed when it was trained, the head on the raw pooled feature."""
+    trained = build(trained_head=True, final_layer="logits").eval()
+    old = {k: v for k, v in trained.state_dict().items() if k != POOLED_NORM_KEY}
+    restored = build(final_layer="logits").eval()
+    with caplog.at_level("WARNING"):
+        restored.load_state_dict(old)
+    assert "predates the layer normalisation" in caplog.text
+    assert not bool(getattr(restored, POOLED_NORM_KEY))
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        tokens = restored.encode(restored.slices(x, "z")).view(2, SHAPE[-1], -1)
+        expected = restored.head(restored.pooling(tokens)[0])
+        assert torch.allclose(restored(x), expected, atol=1e-5)
+        assert not torch.allclose(trained(x), expected, atol=1e-3)  # the current model normalises
+    current = build(final_layer="logits")
+    current.load_state_dict(trained.state_dict())
+    assert bool(getattr(current, POOLED_NORM_KEY))
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_every_pooling_exports_to_onnx_as_gandlf_does(tmp_path: Path, pooling: str) -> None:
+    """GaNDLF exports the best model to ONNX (opset 11) at every best checkpoint unless `onnx_export: false`,
+    and `gandlf optimize-model` does too; the exported graph computes the model's output."""
+    import onnx
+    from GANDLF.utils.modelio import optimize_and_save_model
+    from onnx.reference import ReferenceEvaluator
+
+    options = {"pooling": pooling, "final_layer": "logits"}
+    if pooling == "gated":
+        options.update(slice_axis="all", position_encoding=True)
+    model = build(trained_head=True, **options).eval()
+    params = parameters(**options)
+    params["patch_size"] = [16, 16, 8]
+    optimize_and_save_model(model, params, str(tmp_path / "dimlift_slice_attention_best.pth.tar"))
+    graph = onnx.load(str(tmp_path / "dimlift_slice_attention_best.onnx"))
+    onnx.checker.check_model(graph)
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [11]
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ReferenceEvaluator(graph).run(None, {"input": x.numpy()})[0]
+    assert np.allclose(got, expected, atol=1e-5), (got, expected)
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
@@ -321,3 +475,24 @@ def test_built_under_no_grad_every_parameter_still_trains() -> None:
     model(torch.randn(SHAPE))[:, 1].sum().backward()
     assert not hasattr(model.encoder.layer4, "weight") and isinstance(model.encoder.layer4, torch.nn.Identity)
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.slow
+def test_gandlf_run_trains_with_onnx_export_on(workdir: Path) -> None:
+    """`onnx_export: true` (GaNDLF's default): `gandlf_run` exports the attention pooling model at opset 11 when it
+    saves a checkpoint; GaNDLF catches only RuntimeWarning there, so a failing export would end the run."""
+    import onnx
+    from conftest import run_gandlf
+
+    from gandlf_dimlift.synthetic import make_config, write_dataset
+
+    csv = write_dataset(workdir / "data", "classification", 4, (32, 32, 32), seed=0)
+    options = {"pretrained": False, "encoder_depth": 3, "pooling": "attention", "onnx_export": True}
+    config = make_config("dimlift_slice_attention", "classification", model_options=options)
+    run_gandlf(config, csv, workdir / "model")
+    exported = workdir / "model" / "dimlift_slice_attention_best.onnx"
+    assert exported.exists(), sorted(p.name for p in (workdir / "model").iterdir())
+    graph = onnx.load(str(exported))
+    onnx.checker.check_model(graph)
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [11]
+    assert [i.name for i in graph.graph.input] == ["input"]

@@ -12,6 +12,9 @@ GaNDLF's 3D layout is `(B, C, X, Y, Z)`: `slice_axis: z` (the default) takes the
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,11 +29,14 @@ from gandlf_dimlift.models.builder import Architecture
 from gandlf_dimlift.models.slice_pooling import POOLINGS, SlicePositionEncoding, make_pooling
 from gandlf_dimlift.options import ConfigError, Example, Option
 
+logger = logging.getLogger(__name__)
+
 KEY = "dimlift_slice_attention"
 SLICE_AXES = ("x", "y", "z", "all")
 VIEWS = ("x", "y", "z")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLED_NORM_KEY = "pooled_feature_normalized"  # a checkpoint without this buffer predates the normalisation
 
 
 def _at_least(minimum: int, what: str):
@@ -53,6 +59,91 @@ class GreyToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.expand(-1, 3, *x.shape[2:])
+
+
+class BatchRenorm2d(nn.BatchNorm2d):
+    """Batch normalisation that trains with the running statistics it evaluates with (batch renormalisation).
+
+    Ioffe, "Batch Renormalization" (2017), with unbounded corrections: the forward pass normalises with the
+    running mean and variance in training as in evaluation, while the gradient is batch normalisation's (it flows
+    through the batch statistics). A slice encoder needs it: the slices of a batch come from one or two volumes, so
+    plain batch normalisation standardises every channel over one volume in training (erasing what differs between
+    volumes) but over all volumes in evaluation, and a model trained that way predicts differently in validation.
+    Parameters and buffers are `nn.BatchNorm2d`'s, so pretrained weights and checkpoints load unchanged, and the
+    evaluation output is identical to `nn.BatchNorm2d`'s.
+    """
+
+    # While a checkpointed forward runs: (statistics per module, whether this is the recomputation).
+    replay: tuple[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], bool] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        self._check_input_dim(x)
+        recomputing = self.replay is not None and self.replay[1]
+        if recomputing:  # the backward pass recomputes a checkpointed forward: same statistics, no second update
+            running_mean, running_var = self.replay[0][self]
+        else:
+            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+            if self.replay is not None:
+                self.replay[0][self] = (running_mean, running_var)
+        running_std = torch.sqrt(running_var + self.eps)
+        count = x.numel() // x.shape[1]
+        if count < 2:  # one value per channel: no batch statistics, so the running ones alone
+            normalized = (x - running_mean[:, None, None]) / running_std[:, None, None]
+            return normalized * self.weight[:, None, None] + self.bias[:, None, None]
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        std = torch.sqrt(var + self.eps)
+        # (x - mean) / std * r + d with r = std / running_std and d = (mean - running_mean) / running_std held
+        # constant: forward value (x - running_mean) / running_std, gradient through the batch statistics.
+        r = (std / running_std).detach()
+        d = ((mean - running_mean) / running_std).detach()
+        scale = self.weight * r / std
+        shift = self.bias + self.weight * d
+        if not recomputing:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
+        return (x - mean[:, None, None]) * scale[:, None, None] + shift[:, None, None]
+
+
+@contextmanager
+def _replaying(modules: list[BatchRenorm2d], saved: dict, recomputing: bool):
+    for module in modules:
+        module.replay = (saved, recomputing)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.replay = None
+
+
+def renorm_checkpoint_contexts(module: nn.Module) -> tuple[Any, Any]:
+    """The `context_fn` result for `torch.utils.checkpoint` of a call into `module`: the recomputation in the
+    backward pass uses the running statistics of the original forward and does not update them again."""
+    modules = [m for m in module.modules() if isinstance(m, BatchRenorm2d)]
+    saved: dict = {}
+    return _replaying(modules, saved, False), _replaying(modules, saved, True)
+
+
+def renormalize_batch_norms(module: nn.Module) -> int:
+    """Replaces every `nn.BatchNorm2d` inside `module` by a `BatchRenorm2d` with the same state; returns how many."""
+    replaced = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            renorm = BatchRenorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                device=child.weight.device if child.affine else None,
+            )
+            renorm.load_state_dict(child.state_dict())
+            renorm.train(child.training)
+            setattr(module, name, renorm)
+            replaced += 1
+        else:
+            replaced += renormalize_batch_norms(child)
+    return replaced
 
 
 class ImageNetNormalize(nn.Module):
@@ -137,11 +228,19 @@ class SliceAttentionClassifier(nn.Module):
         self.normalize = ImageNetNormalize() if imagenet_normalize else nn.Identity()
         encoder = build_encoder(encoder_name, weight_tag, encoder_depth)
         self.encoder = encoder if spec.in_channels in (1, 3) else adapt_input_channels(encoder, spec.in_channels)
+        renormalize_batch_norms(self.encoder)
         self.features = int(self.encoder.out_channels[-1])
         self.position = SlicePositionEncoding(self.features) if position_encoding else None
         self.pooling = make_pooling(pooling, self.features, heads=heads, hidden=attention_hidden)
+        # The head sees the pooled feature layer-normalised (without parameters of its own) and starts at zero:
+        # the logits then move by about lr * features per Adam step whatever the feature scale, so a softmax
+        # final layer does not saturate (GaNDLF's cel loss soft-maxes again) before the model has learned.
+        self.register_buffer(POOLED_NORM_KEY, torch.ones((), dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_mark_checkpoints_without_pooled_norm)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.features, spec.n_outputs)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         self.final = common.FinalLayer(spec.final_layer, spec.sigmoid_input_multiplier)
         self.last_slice_weights: dict[str, torch.Tensor] = {}
 
@@ -175,7 +274,8 @@ class SliceAttentionClassifier(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             for chunk in chunks:
                 if recompute:
-                    outputs.append(checkpoint(self._encode_chunk, chunk, use_reentrant=False))
+                    outputs.append(checkpoint(self._encode_chunk, chunk, use_reentrant=False,
+                                              context_fn=partial(renorm_checkpoint_contexts, self.encoder)))
                 else:
                     outputs.append(self._encode_chunk(chunk))
         return torch.cat(outputs, dim=0)
@@ -200,6 +300,8 @@ class SliceAttentionClassifier(nn.Module):
         if self.position is not None:
             sequence = self.position(sequence, runs)
         pooled, slice_weights = self.pooling(sequence)
+        normalized = nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        pooled = torch.where(getattr(self, POOLED_NORM_KEY), normalized, pooled)  # no host synchronisation
         if self.training and torch.is_grad_enabled():
             self.encoder_steps_done += 1  # in place on the device: no synchronisation
         detached = slice_weights.detach()
@@ -222,6 +324,16 @@ def parts(model: SliceAttentionClassifier) -> weights.Parts:
     body = ("pooling",) + (("position",) if model.position is not None else ())
     return weights.Parts(encoder="encoder", body=body, head=("head",),
                          hint="the same encoder_name, encoder_depth, pooling and num_channels")
+
+
+def _mark_checkpoints_without_pooled_norm(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Loads a checkpoint written before the pooled-feature normalisation as it was trained: without it."""
+    if prefix + POOLED_NORM_KEY not in state_dict and prefix + "head.weight" in state_dict:
+        logger.warning(
+            "%s: this checkpoint predates the layer normalisation of the pooled slice feature; it is loaded as it "
+            "was trained (without it). Retrain to get the normalisation.", KEY,
+        )
+        state_dict[prefix + POOLED_NORM_KEY] = torch.zeros((), dtype=torch.bool)
 
 
 SMALL = {"pretrained": False, "encoder_depth": 3}  # the examples: random weights, a small encoder

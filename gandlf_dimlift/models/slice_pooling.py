@@ -16,6 +16,46 @@ from gandlf_dimlift.options import ConfigError
 POOLINGS = ("attention", "gated", "mean", "max")
 
 
+class MeanQueryAttention(nn.Module):
+    """Multi-head attention of one query over a sequence, in plain matrix products (exportable to ONNX opset 11).
+
+    The parameters are those of `nn.MultiheadAttention` (`in_proj_weight`, `in_proj_bias`, `out_proj`), initialised
+    the same way, so checkpoints of either load into the other and give the same outputs. `nn.MultiheadAttention`
+    itself cannot be exported at the opset GaNDLF uses (11): its packed projection needs `unflatten` (opset 13).
+    """
+
+    def __init__(self, features: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * features, features))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * features))
+        self.out_proj = nn.Linear(features, features)
+        # nn.MultiheadAttention's initialisation, in its order (so a seed gives the same weights)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attends `query` `(B, 1, F)` over `tokens` `(B, N, F)`.
+
+        Returns:
+            The attended feature `(B, F)` and the attention of every head over the tokens `(B, heads, N)`.
+        """
+        batch, n_tokens, features = tokens.shape
+        head_size = features // self.heads
+        w_q, w_kv = self.in_proj_weight.split([features, 2 * features])
+        b_q, b_kv = self.in_proj_bias.split([features, 2 * features])
+        q = nn.functional.linear(query, w_q, b_q).reshape(batch, self.heads, 1, head_size)
+        k, v = nn.functional.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)
+        k = k.reshape(batch, n_tokens, self.heads, head_size).transpose(1, 2)
+        v = v.reshape(batch, n_tokens, self.heads, head_size).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_size)  # (B, heads, 1, N)
+        attention = torch.softmax(scores, dim=-1)
+        mixing = nn.functional.dropout(attention, self.dropout, self.training) if self.dropout else attention
+        attended = torch.matmul(mixing, v).reshape(batch, features)  # heads side by side, as nn.MultiheadAttention
+        return self.out_proj(attended), attention[:, :, 0]
+
+
 class MeanQueryAttentionPooling(nn.Module):
     """Multi-head attention whose single query is the mean slice feature; keys and values are the slice features.
 
@@ -31,12 +71,11 @@ class MeanQueryAttentionPooling(nn.Module):
                 f"model.heads = {heads} does not divide the encoder's {features} output features; "
                 f"choose one of {divisors}."
             )
-        self.attention = nn.MultiheadAttention(features, heads, dropout=dropout, batch_first=True)
+        self.attention = MeanQueryAttention(features, heads, dropout=dropout)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        query = tokens.mean(dim=1, keepdim=True)
-        pooled, weights = self.attention(query, tokens, tokens, need_weights=True, average_attn_weights=True)
-        return pooled[:, 0], weights[:, 0]
+        pooled, per_head = self.attention(tokens.mean(dim=1, keepdim=True), tokens)
+        return pooled, per_head.mean(dim=1)
 
 
 class GatedAttentionPooling(nn.Module):

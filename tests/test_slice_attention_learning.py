@@ -1,0 +1,64 @@
+"""Slice attention learns under the config a GaNDLF user already has, side by side with GaNDLF's own resnet18.
+
+Issue 12: with GaNDLF's classification config (`final_layer: softmax` with `loss_function: cel`, i.e. softmax
+twice), the slice attention classifier stayed at one constant prediction (train loss 0.8133, accuracy 0.5) while
+GaNDLF's 3D resnet18 learned the same data; with `logits` it learned but its validation loss jumped by several
+units from one epoch to the next. Here both run through the real `gandlf_run` on the same tiny data and config
+(only `model.architecture` and the plugin's options differ), and the slice attention model must reach at least
+resnet18's training accuracy (GaNDLF's logs_training.csv).
+
+The data: half of the subjects have a bright ball confined to a band of slices along the last axis (GaNDLF's
+slice axis); GaNDLF's own split (first half validation).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from conftest import run_gandlf
+
+from gandlf_dimlift.synthetic import make_config, write_dataset
+
+SUBJECTS = 12  # 6 train, 6 validation
+SHAPE = (32, 32, 32)
+BAND = (12, 20)
+EPOCHS = 5
+LEARNING_RATE = 5e-4  # the issue's Adam learning rate
+PLUGIN_OPTIONS = {"encoder_name": "resnet18", "pretrained": False, "pooling": "attention"}
+
+
+def training_log(model_dir: Path) -> dict[str, list[float]]:
+    """Per-epoch columns of GaNDLF's logs_training.csv / logs_validation.csv that the checks read."""
+    columns: dict[str, list[float]] = {}
+    for name, keys in (("logs_training.csv", ("train_loss", "train_accuracy")),
+                       ("logs_validation.csv", ("val_loss", "val_accuracy"))):
+        with open(model_dir / name) as handle:
+            for row in csv.DictReader(handle):
+                for key in keys:
+                    columns.setdefault(key, []).append(float(row[key]))
+    return columns
+
+
+def train(architecture: str, final_layer: str, csv_path: Path, model_dir: Path, options: dict) -> dict:
+    config = make_config(architecture, "classification", num_epochs=EPOCHS, learning_rate=LEARNING_RATE,
+                         model_options={"final_layer": final_layer, **options})
+    run_gandlf(config, csv_path, model_dir)
+    return training_log(model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("final_layer", ["softmax", "logits"])
+def test_slice_attention_learns_at_least_as_well_as_gandlf_resnet18(workdir: Path, final_layer: str) -> None:
+    csv_path = write_dataset(workdir / "data", "classification", SUBJECTS, SHAPE, seed=0, signal_slices=BAND)
+    reference = train("resnet18", final_layer, csv_path, workdir / "resnet18", {})
+    plugin = train("dimlift_slice_attention", final_layer, csv_path, workdir / "slice_attention", PLUGIN_OPTIONS)
+    summary = f"resnet18 {reference}\nslice attention {plugin}"
+    assert max(reference["train_accuracy"]) >= 0.8, f"the data set is too hard for the reference:\n{summary}"
+    # the collapse: one constant prediction, accuracy 0.5 and loss 0.8133 (= mean of 0.3133 and 1.3133) under softmax
+    assert max(plugin["train_accuracy"]) >= max(reference["train_accuracy"]), summary
+    assert plugin["train_accuracy"][-1] >= reference["train_accuracy"][-1] - 1 / (SUBJECTS // 2), summary
+    # validation follows training: no jump of the validation loss from one epoch to the next (before: 0.04 -> 3.07)
+    jumps = [b - a for a, b in zip(plugin["val_loss"], plugin["val_loss"][1:], strict=False)]
+    assert max(jumps) < 0.5, summary
