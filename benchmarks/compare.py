@@ -183,25 +183,18 @@ def _numbers(value: Any) -> list[float]:
     return [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
 
 
-def detection_section(rows: Sequence[str], csvs: dict[str, Path], shape: Sequence[int], settings: Settings,
-                      work: Path, reuse: bool, data_dir: Path) -> list[dict[str, Any]]:
-    """Every detection row, and the explanation score of the slice attention rows."""
-    records = []
-    for name in rows:
-        record = train_and_test(row_by_name(name), "detection", csvs, tuple(shape), settings, work, reuse)
-        if record["architecture"] == "dimlift_slice_attention" and "error" not in record:
-            if "explanation" not in record:  # a reused record keeps its score
-                folder = Path(record["folder"])
-                try:
-                    record["explanation"] = explanation.explanation_score(
-                        folder / "config.yaml", folder / "model", csvs["test"], data_dir, folder / "explain",
-                        settings.timeout)
-                except Exception as error:  # noqa: BLE001 - shown in the table
-                    record["explanation_error"] = " ".join(str(error).split())[:500]
-                (folder / "result.json").write_text(json.dumps({k: v for k, v in record.items() if k != "reused"},
-                                                               indent=1))
-        records.append(record)
-    return records
+def add_explanations(records: Sequence[dict[str, Any]], test_csv: Path, data_dir: Path, timeout: int) -> None:
+    """Adds the explanation score to every slice attention record that has none (reused records keep theirs)."""
+    for record in records:
+        if record.get("architecture") != "dimlift_slice_attention" or "error" in record or "explanation" in record:
+            continue
+        folder = Path(record["folder"])
+        try:
+            record["explanation"] = explanation.explanation_score(folder / "config.yaml", folder / "model", test_csv,
+                                                                  data_dir, folder / "explain", timeout)
+        except Exception as error:  # noqa: BLE001 - shown in the table
+            record["explanation_error"] = " ".join(str(error).split())[:500]
+        (folder / "result.json").write_text(json.dumps({k: v for k, v in record.items() if k != "reused"}, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -235,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     if "detection" in sections:
-        results["detection"] = detection_section(det_rows, csvs["detection"], shape, settings, work, args.reuse,
-                                                 data_dir)
+        results["detection"] = [train_and_test(row_by_name(n), "detection", csvs["detection"], shape, settings, work,
+                                               args.reuse) for n in det_rows]
+        add_explanations(results["detection"], csvs["detection"]["test"], data_dir, settings.timeout)
     if "segmentation" in sections:
         results["segmentation"] = [train_and_test(row_by_name(n), "segmentation", csvs["segmentation"],
                                                   patches["segmentation"], settings, work, args.reuse)
@@ -246,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["pretraining"] = pretraining.run(
             [pretraining.family_by_name(f) for f in families], fractions, data_dir, csvs, patches, settings, work,
             args.reuse, trained, slices_every=args.slices_every)
+        add_explanations(list(results["pretraining"]["rows"].values()), csvs["detection"]["test"], data_dir,
+                         settings.timeout)
 
     import torch
 

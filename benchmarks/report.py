@@ -47,17 +47,18 @@ def summarize(meta: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         r["name"]: {**{k: r.get(k) for k in ("auc", "auc_ci", "accuracy", "n_test", "n_positive")}, **_row(r)}
         for r in detection
     }
+    pretraining = results.get("pretraining") or {}
+    explained = {r["name"]: r for r in [*detection, *pretraining.get("rows", {}).values()]}
     summary["explanation"] = {
-        r["name"]: ({k: r["explanation"][k] for k in ("mass", "share", "ratio", "ratio_ci", "n")}
-                    if r.get("explanation") else {"error": r.get("explanation_error") or r.get("error")})
-        for r in detection if r["architecture"] == "dimlift_slice_attention"
+        name: ({k: r["explanation"][k] for k in ("mass", "share", "ratio", "ratio_ci", "n")}
+               if r.get("explanation") else {"error": r.get("explanation_error") or r.get("error")})
+        for name, r in explained.items() if r.get("architecture") == "dimlift_slice_attention"
     }
     summary["segmentation"] = {
         r["name"]: {"dice": r.get("dice_fg"), "dice_ci": r.get("dice_fg_ci"), "dice_per_class": r.get("dice"),
                     "n_test": r.get("n_test"), **_row(r)}
         for r in results.get("segmentation", [])
     }
-    pretraining = results.get("pretraining") or {}
     summary["pretraining"] = pretraining.get("families", {})
     summary["sources"] = {
         setting: {name: {"n_slices": r.get("n_slices"), "train_wall_s": r.get("train_wall_s"),

@@ -136,12 +136,15 @@ def pss_mib(pid: int) -> float:
     return process_rss_mib(pid)
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Memory (MiB, proportional set size) of a process and all its descendants (0 when gone)."""
+def tree_rss_mib(pid: int, proportional: bool = True) -> float:
+    """Memory (MiB) of a process and all its descendants (0 when gone): PSS, or the cheaper RSS (an upper bound)."""
+    from benchmarks.throughput import process_rss_mib
+
+    measure = pss_mib if proportional else process_rss_mib
     total, stack = 0.0, [pid]
     while stack:
         current = stack.pop()
-        total += pss_mib(current)
+        total += measure(current)
         try:
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as handle:
@@ -173,14 +176,16 @@ def run_process(command: list[str], log: Path, timeout: int, max_memory_gib: flo
             reason = ""
             if time.perf_counter() > deadline:
                 reason = f"KILLED after the timeout of {timeout} s"
-            elif tree_rss_mib(process.pid) > max_memory_gib * 1024:
+            # RSS is cheap and bounds PSS from above; PSS (reading smaps, costly) only decides near the limit
+            elif (tree_rss_mib(process.pid, proportional=False) > max_memory_gib * 1024
+                  and tree_rss_mib(process.pid) > max_memory_gib * 1024):
                 reason = f"KILLED above --max-memory-gib {max_memory_gib} GiB"
             if reason:
                 process.kill()
                 pid, status, usage = os.wait4(process.pid, 0)
                 handle.write(f"\n{reason}\n")
                 break
-            time.sleep(0.5)
+            time.sleep(1.0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return Call(process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0, log)
 
