@@ -82,8 +82,8 @@ def best_and_worst(records: list[dict[str, Any]]) -> list[tuple[str, str, dict[s
 
 
 def plot(records: list[dict[str, Any]], test_csv: Path, path: Path) -> bool:
-    """Best and worst explanation of each row: the weight curve with the lesion's slices shaded, and the slice of
-    the highest weight with the lesion outlined. Returns False when there is nothing to draw."""
+    """Best and worst explanation of each row: the weight curve with the lesion's slices shaded, the slice of the
+    highest weight and the lesion's largest slice, the lesion outlined. Returns False when there is nothing to draw."""
     picked = best_and_worst(records)
     if not picked:
         return False
@@ -93,8 +93,8 @@ def plot(records: list[dict[str, Any]], test_csv: Path, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     images = {r["SubjectID"]: r["Channel_0"] for r in read_csv(test_csv)}
-    fig, axes = plt.subplots(2, len(picked), figsize=(2.6 * len(picked), 5.2), squeeze=False,
-                             gridspec_kw={"height_ratios": [1, 1.3]})
+    fig, axes = plt.subplots(3, len(picked), figsize=(2.6 * len(picked), 7.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.3, 1.3]})
     for column, (row, which, subject) in enumerate(picked):
         weights = np.asarray(subject["weights"])
         curve = axes[0, column]
@@ -105,15 +105,16 @@ def plot(records: list[dict[str, Any]], test_csv: Path, path: Path) -> bool:
                         f"/ share {subject['share']:.2f}", fontsize=7)
         curve.tick_params(labelsize=6)
         curve.set_xlabel("slice (last axis)", fontsize=6)
-        top = int(np.argmax(weights))
         image_path = Path(images[subject["subject"]])
         image, mask = read_image(image_path), read_image(image_path.with_name("lesion_mask.nii.gz"))
-        view = axes[1, column]
-        view.imshow(image[..., top].T, cmap="gray", origin="lower")
-        if mask[..., top].any():
-            view.contour(mask[..., top].T, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
-        view.set_title(f"top-weighted slice {top}" + (" (lesion)" if top in subject["slices"] else ""), fontsize=7)
-        view.axis("off")
+        top, largest = int(np.argmax(weights)), int(np.argmax(mask.sum(axis=(0, 1))))
+        for view, z, title in ((axes[1, column], top, f"top-weighted slice {top}"),
+                               (axes[2, column], largest, f"lesion's largest slice {largest}")):
+            view.imshow(image[..., z].T, cmap="gray", origin="lower")
+            if mask[..., z].any():
+                view.contour(mask[..., z].T, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
+            view.set_title(f"{title} (weight {weights[z]:.3f})", fontsize=7)
+            view.axis("off")
     fig.suptitle("Best and worst explanation per pooling (red: the lesion's slices / outline)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

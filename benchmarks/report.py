@@ -109,8 +109,8 @@ def _header(summary: dict[str, Any]) -> list[str]:
     return [
         f"# Benchmark results{quick}", "",
         f"Command: `{summary['command']}`", "",
-        f"Machine: {meta['machine']}; wall time {meta['wall_min']:.1f} min{reused}; training + testing time summed "
-        f"over every row {meta['summed_min']:.1f} min; finished {meta['finished']}.", "",
+        f"Machine: {meta['machine']}; wall time {meta['wall_min']:.1f} min{reused}; training, testing and explanation "
+        f"time summed over every row {meta['summed_min']:.1f} min; finished {meta['finished']}.", "",
         f"Data: {data['n_subjects']} subjects deformed from the MNI152 2009 template, spacing {data['spacing']} mm, "
         f"whole volumes of {' × '.join(str(s) for s in data['shape'])}, seed {data['seed']}; splits "
         f"train/validation/test = {meta['splits']}; half of each split has one ellipsoid lesion (semi-axes "
