@@ -59,7 +59,8 @@ QUICK_DETECTION_ROWS = ("resnet18", "dimlift_slice_attention/attention", "dimlif
 QUICK_SEGMENTATION_ROWS = ("dimlift_dxnet/b0",)
 QUICK_FAMILIES = ("dimlift_slice_attention", "dimlift_smp/acs", "dimlift_dxnet")
 QUICK_FRACTIONS = (1.0,)
-QUICK_SETTINGS = {"epochs": 1, "batch": 2, "timeout": 900}
+QUICK_SETTINGS = {"epochs": 1, "detection_epochs": 1, "pretrain_epochs": 1, "batch": 2, "segmentation_subjects": None,
+                  "timeout": 900}
 
 
 # ------------------------------------------------------------------------------------------------ estimate
@@ -111,13 +112,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     defaults = Settings()
     parser.add_argument("--epochs", type=int, default=None, help=f"segmentation epochs ({defaults.epochs})")
     parser.add_argument("--lr", type=float, default=None, help=f"segmentation learning rate ({defaults.learning_rate})")
-    parser.add_argument("--detection-epochs", type=int, default=None, help="detection epochs (--epochs)")
-    parser.add_argument("--detection-lr", type=float, default=None, help="detection learning rate (--lr)")
+    parser.add_argument("--detection-epochs", type=int, default=None,
+                        help=f"detection epochs ({defaults.detection_epochs})")
+    parser.add_argument("--detection-lr", type=float, default=None,
+                        help=f"detection learning rate ({defaults.detection_learning_rate})")
     parser.add_argument("--pretrain-epochs", type=int, default=None,
-                        help="epochs of the 2D pretraining networks (those of the 3D task they feed)")
+                        help=f"epochs of the 2D pretraining networks ({defaults.pretrain_epochs})")
     parser.add_argument("--batch", type=int, default=None, help=f"batch size ({defaults.batch})")
     parser.add_argument("--patch", type=int, default=None, help="cubic segmentation patch (the whole volume)")
     parser.add_argument("--samples-per-volume", type=int, default=None, help="segmentation patches per volume (1)")
+    parser.add_argument("--segmentation-subjects", type=int, default=None,
+                        help=f"train the segmentation rows on this many training subjects "
+                             f"({defaults.segmentation_subjects}; 0: all)")
     parser.add_argument("--final-layer", choices=("logits", "softmax"), default=None,
                         help="final layer of the classification rows, with GaNDLF's cel loss (logits)")
     parser.add_argument("--timeout", type=int, default=None, help=f"seconds per gandlf_run call ({defaults.timeout})")
@@ -146,9 +152,11 @@ def settings_of(args: argparse.Namespace) -> Settings:
                      ("samples_per_volume", "samples_per_volume"), ("learning_rate", "lr"), ("timeout", "timeout"),
                      ("max_memory_gib", "max_memory_gib"), ("detection_epochs", "detection_epochs"),
                      ("detection_learning_rate", "detection_lr"), ("pretrain_epochs", "pretrain_epochs"),
-                     ("final_layer", "final_layer")):
+                     ("final_layer", "final_layer"), ("segmentation_subjects", "segmentation_subjects")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
+    if values.get("segmentation_subjects") == 0:
+        values["segmentation_subjects"] = None
     return Settings(**values)
 
 
@@ -226,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fractions = QUICK_FRACTIONS if args.quick else FRACTIONS
     fractions = fractions if args.fractions is None else tuple(args.fractions)
     csvs = {task: bdata.task_csvs(data_dir, task) for task in bdata.TASKS}
+    if settings.segmentation_subjects:  # a seeded subset, the same for every segmentation row
+        csvs["segmentation"]["train"] = pretraining.subset_csv(
+            csvs["segmentation"]["train"], settings.segmentation_subjects, settings.batch,
+            work / "subsets" / f"segmentation_train_{settings.segmentation_subjects}.csv")
     patches = {"detection": shape, "segmentation": (settings.patch,) * 3 if settings.patch else shape}
 
     results: dict[str, Any] = {}

@@ -62,15 +62,15 @@ class DataSettings:
         max_displacement_mm: Maximum elastic displacement.
     """
 
-    n_subjects: int = 320
+    n_subjects: int = 640
     spacing: float = 6.0
     shape: tuple[int, int, int] | None = (32, 32, 32)
     multiple: int = 16
     seed: int = 0
     split: tuple[float, float, float] = (0.6, 0.1, 0.3)
     lesion_fraction: float = 0.5
-    lesion_radius_mm: tuple[float, float] = (8.0, 16.0)
-    lesion_contrast: tuple[float, float] = (0.35, 0.6)
+    lesion_radius_mm: tuple[float, float] = (15.0, 25.0)
+    lesion_contrast: tuple[float, float] = (0.6, 0.9)
     max_displacement_mm: float = 6.0
     versions: dict[str, str] = field(default_factory=dict)
 

@@ -96,14 +96,14 @@ def setting_name(fraction: float) -> str:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def subset_csv(source: Path, fraction: float, multiple: int, out: Path, seed: int = 0) -> Path:
-    """Writes a `fraction` of the subjects of a GaNDLF CSV (class-balanced when it has `ValueToPredict`).
+def subset_csv(source: Path, count: int, multiple: int, out: Path, seed: int = 0) -> Path:
+    """Writes `count` subjects of a GaNDLF CSV, drawn at random (class-balanced when it has `ValueToPredict`).
 
     The count is rounded down to a multiple of `multiple` (the batch size: GaNDLF keeps a last, smaller batch, and
     a batch of one fails batch-normalised encoders with a 1x1 bottleneck).
     """
     rows = read_csv(source)
-    wanted = max(multiple, int(len(rows) * fraction) // multiple * multiple)
+    wanted = max(multiple, min(count, len(rows)) // multiple * multiple)
     rng = np.random.default_rng(seed)
     labels = [r.get("ValueToPredict", "") for r in rows]
     groups = {label: [i for i, x in enumerate(labels) if x == label] for label in sorted(set(labels))}
@@ -306,7 +306,8 @@ def run(families: Sequence[Family], fractions: Sequence[float], data_dir: Path, 
         for task in {f.task for f in families}:
             csvs[task] = dict(task_csvs[task])
             if fraction < 1:
-                csvs[task]["train"] = subset_csv(task_csvs[task]["train"], fraction, settings.batch,
+                full = task_csvs[task]["train"]
+                csvs[task]["train"] = subset_csv(full, int(len(read_csv(full)) * fraction), settings.batch,
                                                  root / "subsets" / f"{task}_train_{safe(setting)}.csv")
         sources: dict[str, dict[str, Any]] = {}
         for source in sorted({f.source for f in families}):

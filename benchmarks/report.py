@@ -104,6 +104,8 @@ def _header(summary: dict[str, Any]) -> list[str]:
     patch = f"{settings['patch']}³ patches" if settings.get("patch") else "the whole volume"
     pretrain = (f"{settings['pretrain_epochs']} epochs" if settings.get("pretrain_epochs") else
                 "as many epochs as the 3D task they feed")
+    seg_subjects = (f", {settings['segmentation_subjects']} of the training subjects drawn with a fixed seed"
+                    if settings.get("segmentation_subjects") else "")
     det_epochs = settings.get("detection_epochs") or settings["epochs"]
     det_lr = settings.get("detection_learning_rate") or settings["learning_rate"]
     return [
@@ -119,7 +121,7 @@ def _header(summary: dict[str, Any]) -> list[str]:
         "unless it says it was initialised from a 2D network (no model hub here).", "",
         f"Budget: batch {settings['batch']}, Adam with GaNDLF's default triangle scheduler; detection (the whole "
         f"volume, GaNDLF's `cel` loss with `final_layer: {settings['final_layer']}`) {det_epochs} epochs at lr "
-        f"{det_lr:g}; segmentation (Dice loss, {patch}) {settings['epochs']} epochs at lr "
+        f"{det_lr:g}; segmentation (Dice loss, {patch}{seg_subjects}) {settings['epochs']} epochs at lr "
         f"{settings['learning_rate']:g}; 2D pretraining networks: {pretrain}.",
         "", INTERVALS, "",
     ]

@@ -69,19 +69,21 @@ class Settings:
         pretrain_epochs: Epochs of the 2D pretraining networks (default: the epochs of the 3D task they feed).
         final_layer: Final layer of the classification rows: logits or softmax (both with GaNDLF's cel loss).
         patch: Cubic segmentation patch; None takes the whole volume.
+        segmentation_subjects: Train the segmentation rows on this many of the training subjects (None: all).
         samples_per_volume: Segmentation patches per volume and epoch (detection always takes 1 whole volume).
         timeout: Seconds allowed per gandlf_run call.
         max_memory_gib: A gandlf_run process tree above this much RAM is killed and its row reports it.
     """
 
-    epochs: int = 8
+    epochs: int = 6
     batch: int = 4
     learning_rate: float = 1e-3
-    detection_epochs: int | None = None
-    detection_learning_rate: float | None = None
-    pretrain_epochs: int | None = None
+    detection_epochs: int | None = 16
+    detection_learning_rate: float | None = 1e-4
+    pretrain_epochs: int | None = 5
     final_layer: str = "logits"
     patch: int | None = None
+    segmentation_subjects: int | None = 96
     samples_per_volume: int = 1
     timeout: int = 3600
     max_memory_gib: float = 8.0

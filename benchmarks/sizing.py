@@ -39,8 +39,12 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(volumes)[:, None], np.array([int(float(r["ValueToPredict"])) for r in rows])
 
 
-def screen(data_dir: Path, row_name: str, epochs: int, batch: int, lr: float, seed: int = 0) -> list[dict]:
-    """Trains `row_name` on the detection split; returns one record per epoch (losses, test AUC and interval)."""
+def screen(data_dir: Path, row_name: str, epochs: int, batch: int, lr: float, seed: int = 0,
+           norm_type: str | None = None) -> list[dict]:
+    """Trains `row_name` on the detection split; returns one record per epoch (losses, test AUC and interval).
+
+    `norm_type` overrides GaNDLF's `model.norm_type` (batch) for GaNDLF's own architectures.
+    """
     import torch
     from GANDLF.models import get_model
 
@@ -50,7 +54,10 @@ def screen(data_dir: Path, row_name: str, epochs: int, batch: int, lr: float, se
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (load_split(csvs[s]) for s in bdata.SPLITS)
     torch.manual_seed(seed)
     shape = "x".join(str(s) for s in x_train.shape[2:])
-    model = get_model(gandlf_parameters(row_by_name(row_name), shape, batch))
+    parameters = gandlf_parameters(row_by_name(row_name), shape, batch)
+    if norm_type:
+        parameters["model"]["norm_type"] = norm_type
+    model = get_model(parameters)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     history = []
@@ -74,13 +81,17 @@ def screen(data_dir: Path, row_name: str, epochs: int, batch: int, lr: float, se
             loss.backward()
             optimizer.step()
             losses.append(float(loss))
-        val_loss = float(torch.nn.functional.cross_entropy(predict(x_val), torch.from_numpy(y_val)))
+        val_logits = predict(x_val)
+        val_loss = float(torch.nn.functional.cross_entropy(val_logits, torch.from_numpy(y_val)))
+        val_accuracy = float((val_logits.argmax(1).numpy() == y_val).mean())
         scores = torch.softmax(predict(x_test), dim=1)[:, 1].numpy()
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                  "val_accuracy": val_accuracy, "val_mean_p1": float(torch.softmax(val_logits, 1)[:, 1].mean()),
                   "test_auc": stats.auc(scores, y_test), "test_auc_ci": stats.auc_interval(scores, y_test),
                   "seconds": time.perf_counter() - start}
         history.append(record)
-        print(f"epoch {epoch}: train loss {record['train_loss']:.3f}, validation loss {val_loss:.3f}, test AUC "
+        print(f"epoch {epoch}: train loss {record['train_loss']:.3f}, validation loss {val_loss:.3f} (accuracy "
+              f"{val_accuracy:.2f}, mean p(lesion) {record['val_mean_p1']:.2f}), test AUC "
               f"{record['test_auc']:.3f} ({record['test_auc_ci'][0]:.3f}-{record['test_auc_ci'][1]:.3f}), "
               f"{record['seconds']:.0f} s", flush=True)
     return history
@@ -93,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--norm-type", default=None, help="override model.norm_type (GaNDLF architectures)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the per-epoch history here")
     args = parser.parse_args(argv)
@@ -100,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    history = screen(Path(args.data), args.row, args.epochs, args.batch, args.lr)
+    history = screen(Path(args.data), args.row, args.epochs, args.batch, args.lr, norm_type=args.norm_type)
     if args.json:
         meta = json.loads((Path(args.data) / "dataset.json").read_text())
         Path(args.json).write_text(json.dumps({"data": meta, "args": vars(args), "history": history}, indent=1))

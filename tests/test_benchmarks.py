@@ -99,11 +99,12 @@ def test_subset_is_class_balanced_and_a_multiple_of_the_batch(tmp_path: Path) ->
     source = tmp_path / "train.csv"
     source.write_text("SubjectID,Channel_0,Label,ValueToPredict\n" +
                       "".join(f"s{i:02d},x,y,{int(i < 12)}\n" for i in range(36)))
-    subset = pretraining.subset_csv(source, 0.25, 4, tmp_path / "sub.csv")
+    subset = pretraining.subset_csv(source, 9, 4, tmp_path / "sub.csv")
     rows = _rows(subset)
     assert len(rows) == 8 and sum(r["ValueToPredict"] == "1" for r in rows) in (2, 3)
     assert rows == sorted(rows, key=lambda r: r["SubjectID"])
-    assert _rows(pretraining.subset_csv(source, 0.25, 4, tmp_path / "again.csv")) == rows  # seeded
+    assert _rows(pretraining.subset_csv(source, 9, 4, tmp_path / "again.csv")) == rows  # seeded
+    assert len(_rows(pretraining.subset_csv(source, 99, 4, tmp_path / "all.csv"))) == 36
     assert pretraining.setting_name(1.0) == "full" and pretraining.setting_name(0.25) == "25%"
 
 
@@ -168,8 +169,8 @@ def test_budget_and_final_layer() -> None:
                                pretrain_epochs=3)
     assert settings.budget("segmentation") == (4, 1e-3) and settings.budget("detection") == (9, 1e-4)
     assert settings.budget("slices-detection") == (3, 1e-4) and settings.budget("slices-segmentation") == (3, 1e-3)
-    assert runner.Settings(epochs=4).budget("detection") == (4, 1e-3)
-    assert runner.Settings(epochs=4).budget("slices-segmentation") == (4, 1e-3)
+    unset = runner.Settings(epochs=4, detection_epochs=None, detection_learning_rate=None, pretrain_epochs=None)
+    assert unset.budget("detection") == (4, 1e-3) and unset.budget("slices-segmentation") == (4, 1e-3)
     row = runner.row_by_name("dimlift_slice_attention/attention")
     config = configs.make_config(row, (32, 32, 32), num_epochs=9, learning_rate=1e-4)
     # GaNDLF's cel is cross-entropy on the model output: a softmax final layer would apply softmax twice
