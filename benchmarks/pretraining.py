@@ -131,7 +131,7 @@ def brain_slices(tissue: np.ndarray) -> list[int]:
 
 
 def write_slice_sets(data_dir: Path, csvs: dict[str, Path], out: Path, kind: str, every: int = 1,
-                     multiple: int = 1, seed: int = 0) -> dict[str, Path]:
+                     multiple: int = 1, seed: int = 0, max_validation: int = 256) -> dict[str, Path]:
     """2D slices of the train and validation subjects of `csvs`, as NIfTI images and GaNDLF CSVs.
 
     Args:
@@ -143,7 +143,9 @@ def write_slice_sets(data_dir: Path, csvs: dict[str, Path], out: Path, kind: str
             `segmentation`: every `every`-th brain slice with its tissue label.
         every: Keep every n-th brain slice (segmentation).
         multiple: The training slices are trimmed to a multiple of this (the batch size).
-        seed: Seed of the negative slices' draw.
+        seed: Seed of the negative slices' draw and of the validation subsample.
+        max_validation: At most this many validation slices (drawn at random): the 2D network's validation only
+            chooses its best checkpoint, and every slice costs time in every epoch.
 
     Returns:
         train and validation CSV paths of the slices.
@@ -187,6 +189,8 @@ def write_slice_sets(data_dir: Path, csvs: dict[str, Path], out: Path, kind: str
             rows.sort(key=lambda r: r[0])
         if split == "train":
             rows = rows[: len(rows) - len(rows) % multiple]
+        elif len(rows) > max_validation:
+            rows = [rows[i] for i in sorted(rng.choice(len(rows), size=max_validation, replace=False))]
         paths[split] = out / f"slices_{split}.csv"
         with open(paths[split], "w", newline="") as handle:
             writer = csv.writer(handle)

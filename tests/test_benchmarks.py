@@ -81,6 +81,9 @@ def test_slice_sets_for_the_2d_sources(quick_data: Path, tmp_path: Path) -> None
     first = _rows(seg["train"])[0]
     assert runner.read_image(first["Label"]).shape == (32, 32) and set(np.unique(runner.read_image(first["Label"])))
     assert len(_rows(seg["validation"])) > 0
+    capped = pretraining.write_slice_sets(quick_data, data.task_csvs(quick_data, "segmentation"), tmp_path / "cap",
+                                          "segmentation", max_validation=5)
+    assert len(_rows(capped["validation"])) == 5
 
 
 def test_same_seed_same_split_and_lesions() -> None:
