@@ -127,80 +127,77 @@ def _header(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _section(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = (),
+             figure: str | None = None) -> list[str]:
+    """A report section: heading, table, notes below it, and the figure link when there is one."""
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + list(notes) if notes else []
+    lines += ["", figure] if figure else []
+    return lines + [""]
+
+
 def markdown(summary: dict[str, Any], stem: str = "RESULTS") -> str:
     """The report, from the summary alone."""
     lines = _header(summary)
     figures = summary["meta"].get("figures", [])
-    detection = summary.get("detection", {})
-    if detection:
-        lines += ["## Lesion detection (test split)", "",
-                  "| row | AUC | AUC 95 % CI | accuracy | positives / test | epoch s | peak MiB | params | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, r in detection.items():
-            lines.append(f"| {name} | {_f(r.get('auc'))} | {_ci(r.get('auc_ci'))} | {_f(r.get('accuracy'))} | "
-                         f"{r.get('n_positive', '—')} / {r.get('n_test', '—')} | {_f(r.get('epoch_s'), 1)} | "
-                         f"{_f(r.get('peak_mib'), 0)} | {_params(r)} | {_note(r)} |")
-        if "detection" in figures:
-            lines += ["", f"![detection curves]({stem}_detection.png)"]
-        lines.append("")
-    explanation = summary.get("explanation", {})
-    if explanation:
-        lines += ["## Explanation score (slice attention, test subjects with a lesion)", "",
-                  "| row | attention mass on lesion slices | share of those slices | ratio | ratio 95 % CI "
-                  "| subjects |",
-                  "|---|---|---|---|---|---|"]
-        for name, e in explanation.items():
-            if e.get("error") or e.get("mass") is None:
-                lines.append(f"| {name} | — | — | — | — | {_note(e)} |")
-            else:
-                lines.append(f"| {name} | {_f(e['mass'])} | {_f(e['share'])} | {_f(e['ratio'], 2)} | "
-                             f"{_ci(e.get('ratio_ci'), 2)} | {e['n']} |")
-        lines += ["", "A ratio above 1 means the weights concentrate on the lesion's slices; mean pooling gives 1 "
-                  "by construction."]
-        if "explanation" in figures:
-            lines += ["", f"![best and worst explanation]({stem}_explanation.png)"]
-        lines.append("")
-    segmentation = summary.get("segmentation", {})
-    if segmentation:
-        lines += ["## Tissue segmentation (test split)", "",
-                  "| row | mean GM/WM Dice | 95 % CI | Dice bg | Dice GM | Dice WM | epoch s | peak MiB | params | "
-                  "note |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in segmentation.items():
+
+    def figure(name: str, alt: str) -> str | None:
+        return f"![{alt}]({stem}_{name}.png)" if name in figures else None
+
+    if summary.get("detection"):
+        lines += _section(
+            "Lesion detection (test split)",
+            ("row", "AUC", "AUC 95 % CI", "accuracy", "positives / test", "epoch s", "peak MiB", "params", "note"),
+            [(name, _f(r.get("auc")), _ci(r.get("auc_ci")), _f(r.get("accuracy")),
+              f"{r.get('n_positive', '—')} / {r.get('n_test', '—')}", _f(r.get("epoch_s"), 1),
+              _f(r.get("peak_mib"), 0), _params(r), _note(r)) for name, r in summary["detection"].items()],
+            figure=figure("detection", "detection curves"))
+    if summary.get("explanation"):
+        lines += _section(
+            "Explanation score (slice attention, test subjects with a lesion)",
+            ("row", "attention mass on lesion slices", "share of those slices", "ratio", "ratio 95 % CI",
+             "subjects"),
+            [(name, "—", "—", "—", "—", _note(e)) if e.get("error") or e.get("mass") is None else
+             (name, _f(e["mass"]), _f(e["share"]), _f(e["ratio"], 2), _ci(e.get("ratio_ci"), 2), str(e["n"]))
+             for name, e in summary["explanation"].items()],
+            ["A ratio above 1 means the weights concentrate on the lesion's slices; mean pooling gives 1 by "
+             "construction."],
+            figure("explanation", "best and worst explanation"))
+    if summary.get("segmentation"):
+        rows = []
+        for name, r in summary["segmentation"].items():
             d = r.get("dice_per_class") or [None] * 3
-            lines.append(f"| {name} | {_f(r.get('dice'))} | {_ci(r.get('dice_ci'))} | {_f(d[0])} | {_f(d[1])} | "
-                         f"{_f(d[2])} | {_f(r.get('epoch_s'), 1)} | {_f(r.get('peak_mib'), 0)} | {_params(r)} | "
-                         f"{_note(r)} |")
-        if "segmentation" in figures:
-            lines += ["", f"![segmentation curves]({stem}_segmentation.png)"]
-        lines.append("")
-    pretraining = summary.get("pretraining", {})
-    if pretraining:
-        lines += ["## 2D pretraining: random weights against a 2D network trained by the package on the slices", "",
-                  "| family | setting | 3D train subjects | metric | random | from 2D | gain | gain 95 % CI "
-                  "| 2D stage s | epochs to random's best (random → from 2D) | 3D s saved | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for family, settings in pretraining.items():
+            rows.append((name, _f(r.get("dice")), _ci(r.get("dice_ci")), _f(d[0]), _f(d[1]), _f(d[2]),
+                         _f(r.get("epoch_s"), 1), _f(r.get("peak_mib"), 0), _params(r), _note(r)))
+        lines += _section(
+            "Tissue segmentation (test split)",
+            ("row", "mean GM/WM Dice", "95 % CI", "Dice bg", "Dice GM", "Dice WM", "epoch s", "peak MiB", "params",
+             "note"), rows, figure=figure("segmentation", "segmentation curves"))
+    if summary.get("pretraining"):
+        rows = []
+        for family, settings in summary["pretraining"].items():
             for setting, p in settings.items():
                 reached = (f"{p['random_epochs']} → {p['pretrained_epochs'] or 'not reached'}"
                            if p.get("random_epochs") else "—")
-                lines.append(f"| {family} | {setting} | {p.get('n_train', '—')} | {p['metric']} | "
-                             f"{_f(p.get('random'))} | {_f(p.get('pretrained'))} | {_f(p.get('gain'))} | "
-                             f"{_ci(p.get('gain_ci'))} | {_f(p.get('source_wall_s'), 0)} | {reached} | "
-                             f"{_f(p.get('saved_s'), 0)} | {_note(p)} |")
-        lines += ["", "The 2D stage is the `gandlf_run` training wall time of the 2D network (shared by the three "
-                  "detection families of a setting); \"3D s saved\" is (epochs the random start needs to reach its "
-                  "best validation value − epochs the pretrained start needs to reach the same) × the pretrained "
-                  "row's epoch time; negative when the pretrained start gets there later. The validation value is "
-                  "GaNDLF's loss for detection (GaNDLF 0.1.5 logs its AUC metric empty) and its Dice for "
-                  "segmentation.", ""]
-        for setting, sources in summary.get("sources", {}).items():
-            for name, s in sources.items():
-                lines.append(f"- 2D source {name} ({setting}): {s.get('n_slices', '—')} training slices, "
-                             f"{s.get('epochs', '—')} epochs of {_f(s.get('epoch_s'), 1)} s, final validation "
-                             f"{_f(s.get('final_validation'))}{'; ' + _note(s) if s.get('error') else ''}.")
-        if "pretraining" in figures:
-            lines += ["", f"![pretraining curves]({stem}_pretraining.png)"]
-        lines.append("")
+                rows.append((family, setting, str(p.get("n_train", "—")), p["metric"], _f(p.get("random")),
+                             _f(p.get("pretrained")), _f(p.get("gain")), _ci(p.get("gain_ci")),
+                             _f(p.get("source_wall_s"), 0), reached, _f(p.get("saved_s"), 0), _note(p)))
+        notes = ["The 2D stage is the `gandlf_run` training wall time of the 2D network (shared by the three "
+                 "detection families of a setting); \"3D s saved\" is (epochs the random start needs to reach its "
+                 "best validation value − epochs the pretrained start needs to reach the same) × the pretrained "
+                 "row's epoch time; negative when the pretrained start gets there later. The validation value is "
+                 "GaNDLF's loss for detection (GaNDLF 0.1.5 logs its AUC metric empty) and its Dice for "
+                 "segmentation.", ""]
+        notes += [f"- 2D source {name} ({setting}): {s.get('n_slices', '—')} training slices, {s.get('epochs', '—')} "
+                  f"epochs of {_f(s.get('epoch_s'), 1)} s, final validation {_f(s.get('final_validation'))}"
+                  f"{'; ' + _note(s) if s.get('error') else ''}."
+                  for setting, sources in summary.get("sources", {}).items() for name, s in sources.items()]
+        lines += _section(
+            "2D pretraining: random weights against a 2D network trained by the package on the slices",
+            ("family", "setting", "3D train subjects", "metric", "random", "from 2D", "gain", "gain 95 % CI",
+             "2D stage s", "epochs to random's best (random → from 2D)", "3D s saved", "note"),
+            rows, notes, figure("pretraining", "pretraining curves"))
     return "\n".join(lines) + "\n"
 
 
