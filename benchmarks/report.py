@@ -98,7 +98,7 @@ def _note(record: dict[str, Any]) -> str:
 def _header(summary: dict[str, Any]) -> list[str]:
     meta = summary["meta"]
     data, settings = meta["data"], meta["settings"]
-    quick = " (QUICK smoke run: tiny data, 1-2 epochs; not evidence)" if meta.get("quick") else ""
+    quick = " (QUICK smoke run: tiny data, 1 epoch per row; not evidence)" if meta.get("quick") else ""
     reused = f" ({meta['reused']} rows reused from an earlier invocation in the same --work)" if meta.get("reused") \
         else ""
     patch = f"{settings['patch']}³ patches" if settings.get("patch") else "the whole volume"
@@ -229,17 +229,49 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], metric: str, path: Pa
     return True
 
 
+def plot_pretraining(summary: dict[str, Any], path: Path) -> bool:
+    """One panel per family: the validation curve of each setting's random (solid) and 2D-initialised (dashed)
+    row. Returns False when there is nothing to draw."""
+    families = summary.get("pretraining", {})
+    curves = summary.get("curves", {}).get("pretraining", {})
+    if not families or not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.6), squeeze=False)
+    for axis, (family, settings) in zip(axes[0], families.items(), strict=True):
+        for index, (setting, result) in enumerate(settings.items()):
+            color = f"C{index}"
+            for key, style, marker, label in (("random_row", "-", "o", "random"),
+                                              ("pretrained_row", "--", "s", "from 2D")):
+                values = curves.get(result.get(key) or "", {}).get("validation", [])
+                if values:
+                    axis.plot(range(1, len(values) + 1), values, style, color=color, marker=marker, ms=3,
+                              label=f"{setting}, {label}")
+        metric = "Dice" if settings and next(iter(settings.values())).get("metric") == "dice" else "loss"
+        axis.set(title=family, xlabel="epoch", ylabel=f"validation {metric}")
+        axis.legend(fontsize=6)
+    fig.suptitle("random weights (solid) against the 2D-initialised start (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def write(summary: dict[str, Any], out: Path) -> str:
     """Writes the curves, `<out>.json` and the markdown `out`; returns the markdown."""
     stem = out.stem
     curves = summary.get("curves", {})
     figures = [name for name in summary["meta"].get("figures", []) if name == "explanation"]
     for name, metric, title in (("detection", "loss", "lesion detection"),
-                                ("segmentation", "Dice (GM/WM)", "tissue segmentation"),
-                                ("pretraining", "loss (detection) or Dice (DX-Net)",
-                                 "random vs 2D-pretrained 3D rows")):
+                                ("segmentation", "Dice (GM/WM)", "tissue segmentation")):
         if plot_curves(curves.get(name, {}), metric, out.parent / f"{stem}_{name}.png", title):
             figures.append(name)
+    if plot_pretraining(summary, out.parent / f"{stem}_pretraining.png"):
+        figures.append("pretraining")
     summary["meta"]["figures"] = sorted(figures)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     text = markdown(summary, stem)
