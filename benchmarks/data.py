@@ -62,20 +62,20 @@ class DataSettings:
         max_displacement_mm: Maximum elastic displacement.
     """
 
-    n_subjects: int = 40
-    spacing: float = 2.0
-    shape: tuple[int, int, int] | None = None
+    n_subjects: int = 640
+    spacing: float = 6.0
+    shape: tuple[int, int, int] | None = (32, 32, 32)
     multiple: int = 16
     seed: int = 0
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split: tuple[float, float, float] = (0.6, 0.1, 0.3)
     lesion_fraction: float = 0.5
-    lesion_radius_mm: tuple[float, float] = (8.0, 16.0)
-    lesion_contrast: tuple[float, float] = (0.35, 0.6)
+    lesion_radius_mm: tuple[float, float] = (15.0, 25.0)
+    lesion_contrast: tuple[float, float] = (0.6, 0.9)
     max_displacement_mm: float = 6.0
     versions: dict[str, str] = field(default_factory=dict)
 
 
-QUICK = {"n_subjects": 8, "spacing": 6.0, "shape": (32, 32, 32)}
+QUICK = {"n_subjects": 20}
 
 
 def load_template(spacing: float) -> dict[str, np.ndarray]:
@@ -375,8 +375,9 @@ def settings_from_args(args: argparse.Namespace) -> DataSettings:
     for key in ("n_subjects", "spacing", "seed"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
-    if args.shape is not None:
-        values["shape"] = tuple(args.shape)
+    for key in ("shape", "lesion_radius_mm", "lesion_contrast"):
+        if getattr(args, key) is not None:
+            values[key] = tuple(getattr(args, key))
     return DataSettings(**values)
 
 
@@ -385,6 +386,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, default=None, help="isotropic spacing in mm (2)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="fixed X Y Z shape (default: brain extent)")
     parser.add_argument("--seed", type=int, default=None, help="seed of deformations, lesions and splits (0)")
+    defaults = DataSettings()
+    parser.add_argument("--lesion-radius-mm", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help=f"range of the lesion ellipsoid's semi-axes in mm {defaults.lesion_radius_mm}")
+    parser.add_argument("--lesion-contrast", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help=f"range of the lesion's relative intensity change {defaults.lesion_contrast}")
     parser.add_argument("--quick", action="store_true", help=f"tiny dataset for smoke tests: {QUICK}")
 
 

@@ -165,7 +165,7 @@ def gandlf_parameters(row: Row, size: int | str, batch: int, num_epochs: int = 1
 
     Importing this registers the plugin keys (``import gandlf_dimlift`` before ``GANDLF``) when it is installed.
     """
-    from benchmarks.compare import make_config
+    from benchmarks.configs import make_config
 
     config = make_config(row, patch_size=patch_of(size, row.dimension), batch_size=batch, num_epochs=num_epochs)
     return config_to_parameters(config, row.task)
