@@ -13,7 +13,6 @@ import csv
 import json
 import logging
 import os
-import pickle
 import re
 import shlex
 import shutil
@@ -230,8 +229,9 @@ def count_parameters(model_dir: Path) -> int | None:
         from benchmarks.throughput import register_plugins
 
         register_plugins()
-        with open(model_dir / "parameters.pkl", "rb") as handle:
-            parameters = pickle.load(handle)
+        from gandlf_dimlift.weights import read_parameters_file
+
+        parameters = read_parameters_file(model_dir / "parameters.pkl")
         return sum(p.numel() for p in get_model(parameters).parameters())
     except Exception as error:  # noqa: BLE001 - the table shows a dash
         LOGGER.warning("parameter count of %s failed: %s", model_dir, error)

@@ -25,6 +25,7 @@ import pytest
 from conftest import BIN, gandlf_env
 
 from gandlf_dimlift.synthetic import make_config, write_config, write_dataset
+from gandlf_dimlift.weights import read_parameters_file
 
 SMALL = {"encoder_name": "resnet18", "encoder_depth": 3, "pretrained": False}
 # Python attributes a forward pass may rebind: explanation weights, which legitimately differ between ranks.
@@ -146,13 +147,12 @@ def test_gandlf_trainer_trains_a_plugin_model_with_lightning_ddp_on_two_cpu_proc
     losses = [(folder / "logs_training.csv").read_text() for folder in (model_dir, model_dir / "rank_1")]
     assert losses[0] != losses[1]
     # GaNDLF's checkpoint of the DDP run loads into the architecture built by GaNDLF.
-    import pickle
 
     import torch
     from GANDLF.models import get_model
     from GANDLF.utils.modelio import load_model
 
-    parameters = pickle.load(open(model_dir / "parameters.pkl", "rb"))
+    parameters = read_parameters_file(model_dir / "parameters.pkl")
     state = load_model(str(model_dir / "dimlift_smp_best.pth.tar"), torch.device("cpu"))["model_state_dict"]
     get_model(parameters).load_state_dict(state, strict=True)
 

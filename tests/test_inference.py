@@ -27,7 +27,7 @@ MARGIN = 1e-3  # probability margin above which GaNDLF's argmax and the Python m
 
 PYTHON_INFERENCE = textwrap.dedent(
     """
-    import pickle, sys
+    import sys
     from pathlib import Path
 
     import numpy as np
@@ -38,9 +38,10 @@ PYTHON_INFERENCE = textwrap.dedent(
     gandlf_dimlift.register()
     from GANDLF.models import get_model
     from GANDLF.utils.modelio import load_model
+    from gandlf_dimlift.weights import read_parameters_file  # parameters.pkl without running code from it
 
     model_dir, data_dir, out_dir = map(Path, sys.argv[1:4])
-    parameters = pickle.load(open(model_dir / "parameters.pkl", "rb"))
+    parameters = read_parameters_file(model_dir / "parameters.pkl")
     model = get_model(parameters)
     state = load_model(str(model_dir / "dimlift_smp_best.pth.tar"), device=torch.device("cpu"))
     model.load_state_dict(state["model_state_dict"], strict=True)
