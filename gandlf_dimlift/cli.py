@@ -37,12 +37,13 @@ def command_list(args: argparse.Namespace) -> int:
     import warnings
 
     from gandlf_dimlift._startup import failures_by_cause
-    from gandlf_dimlift.models.builder import Architecture
     from gandlf_dimlift.registry import failures, load_entries
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # failures are listed below, one line per cause
         entries = load_entries()
+    if entries:  # the builder imports torch: only once a plugin loaded (with torch broken none does)
+        from gandlf_dimlift.models.builder import Architecture
     for entry in sorted(entries, key=lambda e: e.key):
         builder = entry.builder
         print(f"{entry.key}  (from {entry.distribution})")

@@ -101,11 +101,13 @@ def test_channels_last_choice_per_layer() -> None:
     assert LiftedConv3d(4, 4, 3, 1, 1, groups=4).channels_last
     assert not LiftedConv3d(4, 4, 3, 2, 1, groups=4).channels_last  # strided depthwise: slower in channels-last
     assert LiftedConv3d(4, 8, 3, 2, 1, groups=2).channels_last
-    x = torch.randn(2, 4, 6, 6, 6)  # batch 2: torch runs oneDNN (a tiny batch of 1 takes its native kernel)
-    assert LiftedConv3d(4, 4, 3, 1, 1)(x).is_contiguous(memory_format=CL)
-    assert LiftedConv3d(4, 4, 3, 2, 1, groups=4)(x).is_contiguous()
+    large = torch.randn(2, 4, 32, 32, 32)  # from CHANNELS_LAST_MIN_VOXELS per sample: channels-last
+    small = torch.randn(2, 4, 6, 6, 6)  # below it: the standard layout (oneDNN was slower in channels-last there)
+    assert LiftedConv3d(4, 4, 3, 1, 1)(large).is_contiguous(memory_format=CL)
+    assert LiftedConv3d(4, 4, 3, 1, 1)(small.contiguous(memory_format=CL)).is_contiguous()
+    assert LiftedConv3d(4, 4, 3, 2, 1, groups=4)(large).is_contiguous()
     with operator_choice(channels_last=False):
-        assert LiftedConv3d(4, 4, 3, 1, 1)(x).is_contiguous()
+        assert LiftedConv3d(4, 4, 3, 1, 1)(large).is_contiguous()
 
 
 def test_path_choice_on_both_branches() -> None:
