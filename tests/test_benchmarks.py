@@ -385,6 +385,7 @@ def test_throughput_quick_rows_in_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.sweep  # the quick benchmark itself (about 18 minutes): CI checks its committed output instead
 def test_quick_comparison_end_to_end(tmp_path: Path) -> None:
     """`compare --quick`: every section through the real gandlf_run, then a --reuse run that trains nothing."""
     work, out = tmp_path / "work", tmp_path / "R.md"

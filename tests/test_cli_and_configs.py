@@ -56,6 +56,7 @@ def test_doctor_full_registers_through_gandlf_and_builds_every_demo_model():
     assert all(mark == "ok" and "M parameters" in detail for mark, detail in builds), builds
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_doctor_fails_when_a_plugin_is_broken(tmp_path):
     # A plugin whose module cannot be imported makes the registry report a failure: doctor must say BROKEN.
     info = tmp_path / "broken_plugin-1.0.dist-info"

@@ -46,6 +46,7 @@ def test_classification_with_logits_trains_and_infers(tmp_path):
     assert sorted(table["SubjectID"]) == [f"subject_{i:03d}" for i in range(4)]
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_config_is_rejected_when_the_hook_is_disabled(tmp_path):
     csv = write_dataset(tmp_path / "data", "classification", n_subjects=2)
     config = make_config("dimlift_smp", "classification", model_options=SMALL)

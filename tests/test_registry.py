@@ -38,6 +38,7 @@ def test_hook_registers_when_only_gandlf_is_imported():
     assert "WARNING" not in result.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_opt_out_variable_disables_the_hook():
     code = "import GANDLF.models as m; print(any('dimlift' in k for k in m.global_models_dict))"
     assert python(code, {"GANDLF_DIMLIFT_DISABLE": "1"}).stdout.split()[-1] == "False"
@@ -52,6 +53,7 @@ VALIDATE = """
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_register_after_gandlf_configuration_was_imported(tmp_path):
     code = f"""
         import GANDLF.configuration.parameters_config  # freezes the architecture names
@@ -85,6 +87,7 @@ fake_broken = fake_plugin_missing:build
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_conflicts_bad_keys_and_broken_plugins_are_reported_and_skipped(tmp_path):
     (tmp_path / "fake_plugin.py").write_text("def build(parameters):\n    raise NotImplementedError\n")
     info = tmp_path / "fake_plugin-1.0.dist-info"
@@ -122,6 +125,7 @@ def test_conflicts_bad_keys_and_broken_plugins_are_reported_and_skipped(tmp_path
     assert "RegistrationError" in ours[1] and "'Fake_Upper' is not lowercase" in ours[1]
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_wheel_carries_the_hook_and_registers_when_installed(tmp_path):
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(wheels)],
@@ -177,6 +181,7 @@ def _with_site(site: Path, code: str) -> str:
     return f"import sys, site\nsys.path.append({purelib!r})\nsite.addsitedir({str(site)!r})\n" + textwrap.dedent(code)
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_hook_reports_its_own_import_failure_once_when_gandlf_is_imported(tmp_path):
     site = _site_with_hook(tmp_path, "raise ImportError('simulated: gandlf_dimlift is broken')\n")
     no_checkout = {"PYTHONPATH": ""}  # run in tmp_path with no checkout on the path: only the broken package
@@ -201,6 +206,7 @@ def test_hook_reports_its_own_import_failure_once_when_gandlf_is_imported(tmp_pa
     assert "FINDERS []" in opted_out.stdout and opted_out.stderr == "", opted_out.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_a_broken_shared_model_module_is_one_line(tmp_path):
     """Every plugin architecture imports gandlf_dimlift.models.common: broken, it takes out all four, in one line."""
     import shutil
@@ -220,6 +226,7 @@ def test_a_broken_shared_model_module_is_one_line(tmp_path):
         assert repr(key) in ours[0]
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_hook_registers_when_gandlf_models_is_imported_again_after_a_failure():
     code = """
         import sys

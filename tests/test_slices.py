@@ -138,6 +138,7 @@ def test_bad_arguments_are_refused(tmp_path):
         cut_slices(unlabelled, tmp_path / "out", skip_empty=True, progress=False)
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_cli_prints_the_2d_csv_and_fails_in_one_line(tmp_path):
     table, _, _ = _dataset(tmp_path / "data")
     command = [str(BIN / "gandlf-dimlift"), "slices", "-i", str(table), "-o", str(tmp_path / "slices")]

@@ -121,6 +121,7 @@ def test_a_corrupt_weights_file_is_named_as_corrupt(content, tmp_path):
         read_weights_file(path)
 
 
+@pytest.mark.slow  # a fresh interpreter importing GaNDLF (about 10 s)
 def test_explain_refuses_a_checkpoint_with_a_payload_before_writing_anything(tmp_path):
     data = write_dataset(tmp_path / "data", "classification", n_subjects=2, shape=(16, 16, 16))
     config = write_config(make_config("dimlift_slice_attention", "classification", patch_size=(16, 16, 16),
