@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from gandlf_dimlift.models.slice_views import KEY, VIEWS
 
-ARCHITECTURE_KEY = "dimlift_slice_attention"
-VIEWS = ("x", "y", "z")
+logger = logging.getLogger(__name__)
 
 
 class ExplainError(RuntimeError):
@@ -200,14 +199,14 @@ def _read_config(config_path: Path) -> dict:
     finally:
         logging.disable(logging.NOTSET)
     architecture = str(parameters["model"]["architecture"]).lower()
-    if architecture != ARCHITECTURE_KEY:
+    if architecture != KEY:
         raise ExplainError(
             f"{config_path} trains model.architecture = {architecture!r}; explain reads slice weights, which only "
-            f"{ARCHITECTURE_KEY} has."
+            f"{KEY} has."
         )
     if int(parameters["model"].get("dimension", 3)) != 3:
         raise ExplainError(f"{config_path} has model.dimension = {parameters['model']['dimension']}; "
-                           f"{ARCHITECTURE_KEY} is 3D only.")
+                           f"{KEY} is 3D only.")
     return parameters
 
 
@@ -252,7 +251,7 @@ def _add_data(parameters: dict, csv_path: Path, checkpoint: dict) -> dict:
                 parameters["model"][key] = trained["model"][key]
     if parameters["problem_type"] not in ("classification", "regression"):
         raise ExplainError(
-            f"The problem type is {parameters['problem_type']!r}; {ARCHITECTURE_KEY} classifies or regresses. "
+            f"The problem type is {parameters['problem_type']!r}; {KEY} classifies or regresses. "
             "Give a CSV with ValueToPredict columns or a model directory whose checkpoint records its parameters."
         )
     parameters["data_frame"] = data
@@ -274,7 +273,7 @@ def _check_volume(csv_path: Path, subject: Any, image: str, column: str) -> None
         raise ExplainError(f"{where} is not an image SimpleITK can read.") from None
     size = reader.GetSize()
     if len(size) != 3 or min(size) < 2:
-        raise ExplainError(f"{where} is {list(size)} voxels; {ARCHITECTURE_KEY} explains 3D volumes.")
+        raise ExplainError(f"{where} is {list(size)} voxels; {KEY} explains 3D volumes.")
 
 
 def _check_paths(config_path: Path, model_dir: Path, csv_path: Path, output_dir: Path) -> None:
@@ -319,7 +318,7 @@ def _prepare(config_path: Path, model_dir: Path, csv_path: Path, output_dir: Pat
 
     _register_plugin()
     parameters = _read_config(config_path)
-    checkpoint_file = _checkpoint_path(model_dir, ARCHITECTURE_KEY)
+    checkpoint_file = _checkpoint_path(model_dir, KEY)
     checkpoint = _read_checkpoint(checkpoint_file)
     parameters = _add_data(parameters, csv_path, checkpoint)
     parameters["output_dir"] = str(output_dir)
@@ -419,7 +418,7 @@ def explain(
             image = torch.cat([subject[key][torchio.DATA] for key in channel_keys], dim=0).float()
             if image.dim() != 4 or image.shape[-1] == 1:
                 raise ExplainError(
-                    f"Subject {subject_id} is a 2D image {tuple(image.shape[1:])}; {ARCHITECTURE_KEY} needs 3D volumes."
+                    f"Subject {subject_id} is a 2D image {tuple(image.shape[1:])}; {KEY} needs 3D volumes."
                 )
             with torch.no_grad():
                 output = model(image[None].to(device))[0].cpu()

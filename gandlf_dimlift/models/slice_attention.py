@@ -27,13 +27,11 @@ from gandlf_dimlift.lift.ops import channels_last
 from gandlf_dimlift.models import common
 from gandlf_dimlift.models.builder import Architecture
 from gandlf_dimlift.models.slice_pooling import POOLINGS, SlicePositionEncoding, make_pooling
+from gandlf_dimlift.models.slice_views import KEY, SLICE_AXES, VIEWS
 from gandlf_dimlift.options import ConfigError, Example, Option
 
 logger = logging.getLogger(__name__)
 
-KEY = "dimlift_slice_attention"
-SLICE_AXES = ("x", "y", "z", "all")
-VIEWS = ("x", "y", "z")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLED_NORM_KEY = "pooled_feature_normalized"  # a checkpoint without this buffer predates the normalisation
