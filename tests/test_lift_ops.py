@@ -167,3 +167,14 @@ def test_every_combination_of_choices_runs() -> None:
             outs.append(conv(x))
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lifted_convolutions_export_to_onnx_at_sizes_that_compute_in_channels_last() -> None:
+    """ONNX has no memory formats: a layout change in the traced graph fails the export (GaNDLF's optimize step)."""
+    import io
+
+    model = nn.Sequential(LiftedConv3d(1, 4, 3, 1, 1), ACSConv3d(4, 4, 3, 1, 1, mode="soft"))
+    x = torch.randn(1, 1, 32, 32, 32)
+    buffer = io.BytesIO()
+    torch.onnx.export(model.eval(), x, buffer, opset_version=11)
+    assert buffer.getbuffer().nbytes > 0

@@ -113,6 +113,11 @@ def padding_modes(padding_mode: str, replicate_dim: int | None) -> tuple[str, st
 CHANNELS_LAST_MIN_VOXELS = 32**3
 
 
+def _exporting() -> bool:
+    """Whether the forward is traced for ONNX (GaNDLF's optimize step): operators then take their exportable form."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def in_layout(x: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
     """``x`` in ``layout`` (a copy unless it already is); ``None`` keeps it as it is."""
     if layout is None or x.is_contiguous(memory_format=layout):
@@ -129,8 +134,8 @@ def conv_layout(x: torch.Tensor) -> torch.memory_format | None:
     :data:`CHANNELS_LAST_MIN_VOXELS`, the standard layout below. ``None`` (keep) under
     ``operator_choice(channels_last=False)``.
     """
-    if not _CHOICE["channels_last"]:
-        return None
+    if not _CHOICE["channels_last"] or _exporting():
+        return None  # ONNX has no memory formats (the export fails on a layout change), and values do not depend on it
     if math.prod(x.shape[2:]) >= CHANNELS_LAST_MIN_VOXELS:
         return torch.channels_last_3d
     return torch.contiguous_format
@@ -142,7 +147,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     For 2D convolutions on stacks of slices (the slice attention encoder): resnet18 on 128 slices of 64^2 trains
     10 % faster in it on this CPU.
     """
-    return in_layout(x, torch.channels_last if _CHOICE["channels_last"] else None)
+    return in_layout(x, torch.channels_last if _CHOICE["channels_last"] and not _exporting() else None)
 
 
 class LiftedConv3d(nn.Conv3d):
@@ -432,8 +437,8 @@ class ACSConv3d(ACSLayer):
         ``acs`` with ``k > 1`` (three times its FLOPs). :func:`operator_choice` forces one path.
         """
         forced = _CHOICE["path"]
-        if not self.isotropic:
-            return "views"
+        if not self.isotropic or _exporting():
+            return "views"  # ONNX export: a convolution's kernel must be a weight, not one computed in the graph
         if forced is not None:
             return forced
         if self.kernel_size[0] == 1:

@@ -115,7 +115,7 @@ def _replaying(modules: list[BatchRenorm2d], saved: dict, recomputing: bool):
         yield
     finally:
         for module in modules:
-            module.replay = None
+            del module.replay  # back to the class default: forward leaves no Python state behind (DDP)
 
 
 def renorm_checkpoint_contexts(module: nn.Module) -> tuple[Any, Any]:
