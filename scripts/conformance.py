@@ -499,8 +499,12 @@ def render(data: dict) -> str:
                   f"{' x '.join(map(str, spec.shape))}, final_layer {spec.final_layer}, batch_size "
                   f"{spec.batch_size}, {spec.epochs} epochs, lr {spec.learning_rate}):", "",
                   f"| architecture | {spec.metric} (last epoch) | per epoch | seconds |", "|---|---|---|---|"]
-        for row in (r for r in data["learning"] if r["check"] == check):
+        rows = [r for r in data["learning"] if r["check"] == check]
+        reference = next((r.get("value") for r in rows if r["architecture"] == spec.reference), None)
+        for row in rows:
             value = f"{row['value']:.3f}" if row["status"] == "pass" else "**FAIL**"
+            if row["status"] == "pass" and reference is not None and row["value"] < reference:
+                value += f" (behind `{spec.reference}`)"
             curve = ", ".join(f"{v:.2f}" for v in row.get("curve", []))
             lines.append(f"| `{row['architecture']}` | {value} | {curve} | {row.get('seconds', '')} |")
         lines.append("")

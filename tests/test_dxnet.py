@@ -433,7 +433,7 @@ def test_gandlf_run_trains_omnianet_then_transfers_it_into_dxnet_and_infers(work
     output = run_gandlf(config_3d, csv_3d, workdir / "dxnet_3d").stdout
     # the user sees what the 3D model starts from, in gandlf_run's own output
     told = (f"dimlift_dxnet: 3D segmentation model, initialised from {best_2d} (a dimlift_omnianet checkpoint, 2D): "
-            "the encoder, the rest of the network and the output layer loaded, lifted 2D -> 3D by inflate.")
+            "the whole model loaded, lifted 2D -> 3D by inflate.")
     assert told in output, output[-3000:]
 
     state_2d = torch.load(best_2d, map_location="cpu", weights_only=False)["model_state_dict"]
