@@ -149,8 +149,6 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
     if lifts:
         model.dimension = 3  # the lifted copy's forward (and the lift's check pass) take (B, C, X, Y, Z)
         model = architecture.lift(model, spec, options)
-        if source.tag is None and source.file is None:
-            randomise_along_axis(model, "xyz".index(options.get("slice_axis", "z")))
     if source.dimension == 3:
         transferred = weights.transfer(model, source, architecture.parts(model), key, accepts)
     # GaNDLF accepts only batch and instance for these architectures; an encoder keeps its pretrained norms
@@ -178,27 +176,6 @@ def describe_initialisation(spec: ModelSpec, options: Mapping[str, Any], source:
         lifted_by = f"lifted 2D -> 3D by {options['converter_type']}"
         text += f" into the 3D model ({lifted_by})" if source.dimension == 3 else f", {lifted_by}"
     return text + "."
-
-
-def randomise_along_axis(model: nn.Module, axis: int) -> None:
-    """Gives the dense 3D kernels of a randomly initialised lifted model random values along the lifted axis.
-
-    Inflating a random 2D kernel repeats it along the new axis (`inflate_center`: one plane, zeros elsewhere): a
-    random start that cannot tell one slice from its neighbour, which is what the 2D weights were worth keeping for
-    only when they were trained. Each kernel gets normal values whose spread keeps the 2D kernel's output scale for
-    the larger fan-in (the family's own initialisation scale, per layer); 1-tap axes and ACS kernels stay as they are.
-    """
-    dim = 2 + axis  # weight layout (out, in, X, Y, Z) for convolutions, (in, out, X, Y, Z) for transposed ones
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) or module.weight.shape[dim] == 1:
-                continue
-            weight = module.weight
-            if isinstance(module, nn.ConvTranspose3d):  # inflated with one tap per output plane: each plane is 2D's
-                std = weight.select(dim, 0).std()
-            else:  # the planes sum to the 2D kernel
-                std = weight.sum(dim).std() / weight.shape[dim] ** 0.5
-            weight.normal_(0.0, float(std))
 
 
 def remove_unused_modules(model: nn.Module, probe_shape: tuple[int, ...]) -> list[str]:
