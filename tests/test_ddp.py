@@ -139,7 +139,8 @@ def test_gandlf_trainer_trains_a_plugin_model_with_lightning_ddp_on_two_cpu_proc
     assert result.returncode == 0, result.stdout[-6000:]
     output = result.stdout
     assert "distributed_backend=gloo" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
-    checks = dict(re.findall(r"DDP-CHECK rank=(\d) world=2 model=(\S+ sum=\S+ norm=\S+)", output))
+    # ranks share the pipe: one rank's line may run into the other's, so the number stops where the digits do
+    checks = dict(re.findall(r"DDP-CHECK rank=(\d) world=2 model=(\S+ sum=[-+.\deE]+ norm=[-+.\deE]+)", output))
     assert sorted(checks) == ["0", "1"], output[-3000:]
     assert checks["0"].startswith("gandlf_dimlift.models.smp.SmpModel")
     assert checks["0"] == checks["1"], f"parameters differ between ranks after DDP training: {checks}"
