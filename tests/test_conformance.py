@@ -48,7 +48,7 @@ def test_every_flow_passes_or_is_refused_before_training_with_the_fix():
 
 
 # Rows that learn but end behind GaNDLF's built-in within the check's budget: open work, stated in
-# docs/conformance.md and the README. They must still learn (better than their first epoch and than chance), and a
+# docs/conformance.md and the README. They must still learn (end better than their first epoch), and a
 # row that catches up must leave this list.
 SLOWER = "the EfficientNet family from random weights learns more slowly than GaNDLF's built-in (open, issue 12)"
 BEHIND = {
