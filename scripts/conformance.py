@@ -423,7 +423,7 @@ def sweep(only: list[str] | None, flows: list[str] | None, checks: list[str] | N
     results, learning = [], []
     for key, builder in architectures.items():
         for name, flow in FLOWS.items():
-            if (flows and name not in flows) or not applicable(builder, flow):
+            if (flows is not None and name not in flows) or not applicable(builder, flow):
                 continue
             row = _in_subprocess("flow", key, name, data, work / key / name, timeout=1800)
             print(f"{key:<26} {name:<22} {row['status']:<8} {row.get('seconds', '')}", flush=True)
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="dimlift_conformance_"))
     split = lambda text: [t for t in text.split(",") if t] if text is not None else None  # noqa: E731
     data = sweep(split(args.only), split(args.flows), split(args.checks), work)
-    if (args.only or args.flows or args.checks is not None) and JSON_PATH.is_file():
+    if (args.only or args.flows is not None or args.checks is not None) and JSON_PATH.is_file():
         data = merged(json.loads(JSON_PATH.read_text()), data)  # a partial run replaces its rows of the table
     JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
     MD_PATH.write_text(render(data))
