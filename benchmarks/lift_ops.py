@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.lift_ops                    # one conv layer and a resnet18 encoder at 64^3
     python -m benchmarks.lift_ops --size 32 --repeats 2
+    python -m benchmarks.lift_ops --paths            # each operator path per layer shape (ACSConv3d.path's choice)
 
 For each mode (``acs``, ``soft``, ``mean``, ``inflate``, ``2.5d``) the 2D module is lifted with
 ``gandlf_dimlift.lift.lift``; the reference is the same lifted network with every convolution replaced
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from gandlf_dimlift.lift import lift
-from gandlf_dimlift.lift.ops import ACSConv3d
+from gandlf_dimlift.lift.ops import ACSConv3d, LiftedConv3d, operator_choice
 
 MODES = ("acs", "soft", "mean", "inflate", "2.5d")
 
@@ -139,6 +140,57 @@ def run(size: int, repeats: int, channels: int) -> list[dict]:
     return rows
 
 
+#: (in, out, spatial size, stride) of the 3x3 convolutions of a resnet18 U-Net on 64^3 (encoder and decoder).
+PATH_SHAPES = ((16, 16, 64, 1), (32, 32, 32, 1), (64, 64, 16, 1), (64, 128, 16, 2), (128, 128, 8, 1),
+               (256, 256, 4, 1))
+
+
+class _Forced(nn.Module):
+    """``module`` computed under one :func:`operator_choice` (``path`` None: the shape-based choice)."""
+
+    def __init__(self, module: nn.Module, path: str | None) -> None:
+        super().__init__()
+        self.module, self.path = module, path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        with operator_choice(path=self.path):
+            return self.module(x)
+
+
+def run_paths(repeats: int, batch: int) -> list[dict]:
+    """Times every path of the ACS convolution (acs, soft) and of 2.5d's (3, 3, 1) convolution per layer shape.
+
+    The paths are timed alternately in one loop (forward + backward, median of ``repeats`` after a warm-up), so
+    their ratios hold on a shared machine; ``chosen`` is what the operator picks for that shape.
+    """
+    rows = []
+    for cin, cout, size, stride in PATH_SHAPES:
+        x = torch.randn(batch, cin, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+        layers = {
+            "acs": (ACSConv3d(cin, cout, 3, stride, 1, mode="acs"), ("views", "folded")),
+            "soft": (ACSConv3d(cin, cout, 3, stride, 1, mode="soft"), ("views", "folded", "dense")),
+            "2.5d": (LiftedConv3d(cin, cout, (3, 3, 1), (stride, stride, 1), (1, 1, 0)), ("views", "folded")),
+        }
+        for mode, (layer, paths) in layers.items():
+            forced = {path: _Forced(layer, path) for path in paths}
+            times: dict[str, list[float]] = {path: [] for path in paths}
+            for module in forced.values():
+                _step(module, x)
+            for _ in range(repeats):
+                for path, module in forced.items():
+                    times[path].append(_step(module, x))
+            median = {path: statistics.median(t) for path, t in times.items()}
+            if isinstance(layer, ACSConv3d):
+                chosen = layer.path(x.shape)
+            else:
+                chosen = "folded" if layer.folds(x.shape) else "views"
+            rows.append({"shape": f"{cin}->{cout}, {size}^3, stride {stride}", "mode": mode, "seconds": median,
+                         "fastest": min(median, key=median.get), "chosen": chosen})
+            print(f"{rows[-1]['shape']:28s} {mode:5s} " + "  ".join(f"{p} {t:.4f} s" for p, t in median.items())
+                  + f"  fastest {rows[-1]['fastest']}, chosen {chosen}", flush=True)
+    return rows
+
+
 def main() -> None:
     """Command line entry: print the table of ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -146,9 +198,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     parser.add_argument("--channels", type=int, default=32, help="channels of the single conv layer")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--paths", action="store_true", help="time each operator path per layer shape instead")
+    parser.add_argument("--batch", type=int, default=2, help="batch size of --paths")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.paths:
+        rows = run_paths(args.repeats, args.batch)
+        print(f"\nforward+backward seconds per path, batch {args.batch}, channels_last_3d input, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads")
+        print("| layer | mode | views | folded | dense | fastest | chosen |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            cells = " | ".join(f"{r['seconds'][p]:.4f}" if p in r["seconds"] else "-"
+                               for p in ("views", "folded", "dense"))
+            print(f"| {r['shape']} | {r['mode']} | {cells} | {r['fastest']} | {r['chosen']} |")
+        return
     rows = run(args.size, args.repeats, args.channels)
     print(f"\nforward+backward, input {args.size}^3, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "ratio = gandlf_dimlift / acsconv")
