@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from gandlf_dimlift.lift import lift
-from gandlf_dimlift.lift.ops import ACSConv3d, LiftedConv3d, operator_choice
+from gandlf_dimlift.lift.ops import ACSConv3d, operator_choice
 
 MODES = ("acs", "soft", "mean", "inflate", "2.5d")
 
@@ -158,7 +158,7 @@ class _Forced(nn.Module):
 
 
 def run_paths(repeats: int, batch: int) -> list[dict]:
-    """Times every path of the ACS convolution (acs, soft) and of 2.5d's (3, 3, 1) convolution per layer shape.
+    """Times both paths of the ACS convolution (acs, soft) per layer shape (the choice of :meth:`ACSConv3d.path`).
 
     The paths are timed alternately in one loop (forward + backward, median of ``repeats`` after a warm-up), so
     their ratios hold on a shared machine; ``chosen`` is what the operator picks for that shape.
@@ -167,9 +167,8 @@ def run_paths(repeats: int, batch: int) -> list[dict]:
     for cin, cout, size, stride in PATH_SHAPES:
         x = torch.randn(batch, cin, size, size, size).contiguous(memory_format=torch.channels_last_3d)
         layers = {
-            "acs": (ACSConv3d(cin, cout, 3, stride, 1, mode="acs"), ("views", "folded")),
-            "soft": (ACSConv3d(cin, cout, 3, stride, 1, mode="soft"), ("views", "folded", "dense")),
-            "2.5d": (LiftedConv3d(cin, cout, (3, 3, 1), (stride, stride, 1), (1, 1, 0)), ("views", "folded")),
+            "acs": (ACSConv3d(cin, cout, 3, stride, 1, mode="acs"), ("views", "dense")),
+            "soft": (ACSConv3d(cin, cout, 3, stride, 1, mode="soft"), ("views", "dense")),
         }
         for mode, (layer, paths) in layers.items():
             forced = {path: _Forced(layer, path) for path in paths}
@@ -180,10 +179,7 @@ def run_paths(repeats: int, batch: int) -> list[dict]:
                 for path, module in forced.items():
                     times[path].append(_step(module, x))
             median = {path: statistics.median(t) for path, t in times.items()}
-            if isinstance(layer, ACSConv3d):
-                chosen = layer.path(x.shape)
-            else:
-                chosen = "folded" if layer.folds(x.shape) else "views"
+            chosen = layer.path(x.shape)
             rows.append({"shape": f"{cin}->{cout}, {size}^3, stride {stride}", "mode": mode, "seconds": median,
                          "fastest": min(median, key=median.get), "chosen": chosen})
             print(f"{rows[-1]['shape']:28s} {mode:5s} " + "  ".join(f"{p} {t:.4f} s" for p, t in median.items())
@@ -207,11 +203,10 @@ def main() -> None:
         rows = run_paths(args.repeats, args.batch)
         print(f"\nforward+backward seconds per path, batch {args.batch}, channels_last_3d input, torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads")
-        print("| layer | mode | views | folded | dense | fastest | chosen |")
-        print("|---|---|---|---|---|---|---|")
+        print("| layer | mode | views | dense | fastest | chosen |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
-            cells = " | ".join(f"{r['seconds'][p]:.4f}" if p in r["seconds"] else "-"
-                               for p in ("views", "folded", "dense"))
+            cells = " | ".join(f"{r['seconds'][p]:.4f}" for p in ("views", "dense"))
             print(f"| {r['shape']} | {r['mode']} | {cells} | {r['fastest']} | {r['chosen']} |")
         return
     rows = run(args.size, args.repeats, args.channels)

@@ -10,13 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gandlf_dimlift.lift import lift
-from gandlf_dimlift.lift.ops import (
-    DENSE_MIN_VOXELS,
-    ACSConv3d,
-    LiftedConv3d,
-    operator_choice,
-    tf_same_pads,
-)
+from gandlf_dimlift.lift.ops import DENSE_MIN_VOXELS, ACSConv3d, LiftedConv3d, operator_choice, tf_same_pads
 
 CL = torch.channels_last_3d
 
@@ -48,7 +42,7 @@ GEOMETRIES = [
 
 @pytest.mark.parametrize("mode", ["acs", "soft", "mean"])
 @pytest.mark.parametrize(("k", "stride", "padding", "dilation", "groups"), GEOMETRIES)
-def test_acs_dense_and_folded_paths_equal_the_views(mode, k, stride, padding, dilation, groups) -> None:
+def test_acs_dense_path_equals_the_views(mode, k, stride, padding, dilation, groups) -> None:
     torch.manual_seed(0)
     conv = ACSConv3d(8, 12, k, stride, padding, dilation, groups, mode=mode)
     if mode == "soft":
@@ -56,11 +50,8 @@ def test_acs_dense_and_folded_paths_equal_the_views(mode, k, stride, padding, di
             conv.soft_w_core.normal_()  # unequal mixing, so each view's weight matters
     for shape in ((7, 8, 9), (6, 6, 6)):  # odd and even sizes
         x = torch.randn(2, 8, *shape)
-        reference = _run(conv, x, **REFERENCE)
-        _assert_same(_run(conv, x, path="dense"), reference)
-        _assert_same(_run(conv, x, path="folded"), reference)  # channels-last input: the fold of X is a view
-        _assert_same(_run(conv, x, path="folded", channels_last=False), reference)
-        _assert_same(_run(conv, x), reference)  # the chosen path, channels-last
+        _assert_same(_run(conv, x, path="dense"), _run(conv, x, **REFERENCE))
+        _assert_same(_run(conv, x), _run(conv, x, **REFERENCE))  # the chosen path, channels-last
 
 
 @pytest.mark.parametrize(("padding_mode", "replicate_dim"), [("reflect", None), ("circular", 1), ("zeros", 2),
@@ -71,18 +62,6 @@ def test_acs_dense_path_padding_modes(padding_mode: str, replicate_dim: int | No
     conv = ACSConv3d(6, 6, 3, (1, 2, 1), 1, 1, 2, padding_mode=padding_mode, mode=mode, replicate_dim=replicate_dim)
     x = torch.randn(1, 6, 5, 8, 7)
     _assert_same(_run(conv, x, path="dense"), _run(conv, x, **REFERENCE))
-    _assert_same(_run(conv, x, path="folded"), _run(conv, x, **REFERENCE))
-
-
-@pytest.mark.parametrize(("kernel", "padding"), [((1, 3), (0, 1)), (3, 3)])
-def test_folded_path_of_non_square_kernels_and_padding_across_the_thin_axis(kernel, padding) -> None:
-    # a (1, 3) kernel has no cubic twin; padding beyond "same" pads the thin axis too (the fold pads it explicitly)
-    torch.manual_seed(0)
-    conv = ACSConv3d(4, 6, kernel, 1, padding, mode="soft")
-    with torch.no_grad():
-        conv.soft_w_core.normal_()
-    x = torch.randn(2, 4, 5, 6, 7)
-    _assert_same(_run(conv, x, path="folded"), _run(conv, x, **REFERENCE))
 
 
 class _PadThenConv(nn.Module):
@@ -116,26 +95,6 @@ def test_lifted_conv_in_channels_last_equals_the_reference(groups, stride, paddi
     for shape in ((7, 8, 9), (6, 6, 6)):
         x = torch.randn(2, 6, *shape)
         _assert_same(_run(conv, x), _run(reference, x, channels_last=False))
-
-
-@pytest.mark.parametrize("thin", [0, 1, 2])
-@pytest.mark.parametrize(("groups", "stride", "padding_mode", "tf_same"), [
-    (1, 1, "zeros", False), (3, 2, "zeros", False), (1, 2, "reflect", False), (6, 2, "zeros", True),
-])
-def test_planar_lifted_conv_folded_equals_the_3d_conv(thin, groups, stride, padding_mode, tf_same) -> None:
-    """2.5d's (k, k, 1) kernels (one tap thick along one axis) compute as 2D convolutions on folded planes."""
-    torch.manual_seed(0)
-    kernel, strides, padding = [3, 3, 3], [stride] * 3, [1, 1, 1]
-    kernel[thin], padding[thin] = 1, 0
-    strides[thin] = 1 if thin == 2 else stride  # 2.5d keeps the slice axis; a stride across it works as well
-    conv = LiftedConv3d(6, 6, tuple(kernel), tuple(strides), 0 if tf_same else tuple(padding), 1, groups, True,
-                        padding_mode, tf_same=tf_same)
-    assert conv.thin_axis == thin
-    for shape in ((7, 8, 9), (6, 6, 6)):
-        x = torch.randn(2, 6, *shape)
-        reference = _run(conv, x, **REFERENCE)
-        _assert_same(_run(conv, x, path="folded"), reference)
-        _assert_same(_run(conv, x, path="folded", channels_last=False), reference)
 
 
 def test_channels_last_choice_per_layer() -> None:

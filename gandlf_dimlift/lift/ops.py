@@ -128,7 +128,7 @@ def in_layout(x: torch.Tensor, layout: torch.memory_format | None) -> torch.Tens
 def conv_layout(x: torch.Tensor) -> torch.memory_format | None:
     """The layout a lifted 3D convolution computes the 5D ``x`` in.
 
-    oneDNN's 3D kernels on this CPU (``benchmarks/lift_ops.py --layouts``): ``channels_last_3d`` takes 0.5-0.8x the
+    oneDNN's 3D kernels on this CPU (measured when the layout was chosen): ``channels_last_3d`` takes 0.5-0.8x the
     time of the standard layout from 32^3 voxels per sample (the few-channel, high-resolution layers that dominate a
     U-Net's step), about the same at 8^3-16^3 and up to 1.8x at 4^3. So: channels-last from
     :data:`CHANNELS_LAST_MIN_VOXELS`, the standard layout below. ``None`` (keep) under
@@ -148,46 +148,6 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     10 % faster in it on this CPU.
     """
     return in_layout(x, torch.channels_last if _CHOICE["channels_last"] and not _exporting() else None)
-
-
-def folded_planar_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    thin: int,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A 3D convolution whose kernel is one tap thick along spatial axis ``thin``, computed as one 2D convolution.
-
-    Equal to ``F.conv3d(x, weight.unsqueeze(2 + thin), bias, stride, padding3, dilation3, groups)`` where ``padding3``
-    holds ``padding`` on the two other axes and 0 along ``thin``. The planes across ``thin`` (every ``stride[thin]``-th)
-    are folded into the batch in channels-last order, where oneDNN's 2D kernels run: for ``thin = 0`` on a
-    ``channels_last_3d`` input that fold is a view, otherwise one copy of the input.
-
-    Args:
-        x: ``(B, C, X, Y, Z)``.
-        weight: The 2D kernel ``(out, in / groups, kh, kw)``, its dims on the two other axes in order.
-        thin: Spatial axis (0..2) the kernel is one tap thick along.
-        stride: Stride per spatial axis.
-        padding: Zero padding of the two other axes.
-        dilation: Dilation of the two other axes.
-        groups: Convolution groups.
-        bias: Bias per output channel.
-    """
-    dim = 2 + thin
-    plane = [2 + a for a in range(3) if a != thin]
-    if stride[thin] > 1:
-        x = x[(slice(None),) * dim + (slice(None, None, stride[thin]),)]
-    batch, planes = x.shape[0], x.shape[dim]
-    folded = x.permute(0, dim, *plane, 1).reshape(batch * planes, x.shape[plane[0]], x.shape[plane[1]], x.shape[1])
-    in_plane_stride = tuple(s for a, s in enumerate(stride) if a != thin)
-    y = F.conv2d(folded.permute(0, 3, 1, 2), weight, bias, in_plane_stride, tuple(padding), tuple(dilation), groups)
-    y = y.permute(0, 2, 3, 1).reshape(batch, planes, y.shape[2], y.shape[3], y.shape[1])  # (B, T, P, Q, out)
-    spatial = iter((2, 3))
-    return y.permute(0, 4, *(1 if a == thin else next(spatial) for a in range(3)))
 
 
 class LiftedConv3d(nn.Conv3d):
@@ -231,24 +191,8 @@ class LiftedConv3d(nn.Conv3d):
         # the output too: with one input channel torch cannot tell the layouts apart and returns the standard one
         return in_layout(self._conv(in_layout(x, layout)), layout)
 
-    @property
-    def thin_axis(self) -> int | None:
-        """The spatial axis (0..2) the kernel is one tap thick along while larger along both others (``2.5d``'s
-        ``(k, k, 1)``), where the convolution can compute as a 2D one on folded planes; else ``None``."""
-        thin = [a for a, k in enumerate(self.kernel_size) if k == 1]
-        return thin[0] if len(thin) == 1 and not isinstance(self.padding, str) else None
-
-    def folds(self, shape: Sequence[int]) -> bool:
-        """Whether an input of ``shape`` computes as :func:`folded_planar_conv` (``path="views"`` of
-        :func:`operator_choice` keeps the 3D convolution; measured like :meth:`ACSConv3d.path`)."""
-        if self.thin_axis is None or _CHOICE["path"] == "views" or _exporting():
-            return False
-        voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))
-        return _CHOICE["path"] == "folded" or voxels >= FOLDED_MIN_VOXELS
-
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        folds = self.folds(x.shape)
-        if not self.tf_same and self.replicate_dim is None and not folds:
+        if not self.tf_same and self.replicate_dim is None:
             return super().forward(x)
         if self.tf_same:
             geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True)
@@ -256,15 +200,10 @@ class LiftedConv3d(nn.Conv3d):
         else:
             pads = [(p, p) for p in self.padding]
         modes = padding_modes(self.padding_mode, self.replicate_dim)
-        if set(modes) == {"zeros"} and all(lo == hi for lo, hi in pads) and not (folds and any(pads[self.thin_axis])):
+        if set(modes) == {"zeros"} and all(lo == hi for lo, hi in pads):
             padding = tuple(lo for lo, _ in pads)
         else:
             x, padding = pad_or_crop(x, pads, modes), (0, 0, 0)
-        if folds:
-            in_plane = [a for a in range(3) if a != self.thin_axis]
-            return folded_planar_conv(x, self.weight.squeeze(2 + self.thin_axis), self.thin_axis, self.stride,
-                                      [padding[a] for a in in_plane], [self.dilation[a] for a in in_plane],
-                                      self.groups, self.bias)
         return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -274,10 +213,7 @@ class LiftedConv3d(nn.Conv3d):
 
 #: Output voxels per sample from which ``soft`` / ``mean`` convolutions take the dense path (see ACSConv3d.path).
 DENSE_MIN_VOXELS = 16**3
-#: Output voxels per sample from which the views compute as folded 2D convolutions: never by shape (measured slower
-#: than the thin 3D convolutions, ``python -m benchmarks.lift_ops --paths``); ``operator_choice(path="folded")`` only.
-FOLDED_MIN_VOXELS = math.inf
-_PATH_NAMES = ("views", "folded", "dense")
+_PATH_NAMES = ("views", "dense")
 #: Forced operator choices: the ACS path (None: by shape) and whether lifted convs compute in channels-last.
 _CHOICE: dict[str, str | bool | None] = {"path": None, "channels_last": True}
 
@@ -474,56 +410,43 @@ class ACSConv3d(ACSLayer):
             view_pads[view] = (left - centre * d, right - (k - 1 - centre) * d)
         return view_pads, tuple(dilation)  # type: ignore[return-value]
 
-    def _view(self, x: torch.Tensor, view: int, folded: bool) -> torch.Tensor:
-        """The output channels of ``view``: thin 3D convolutions, or 2D ones on the folded planes (``folded``)."""
+    def _view(self, x: torch.Tensor, view: int) -> torch.Tensor:
         view_pads, dilation = self.view_geometry(x.shape, view)
         modes = padding_modes(self.padding_mode, self.replicate_dim)
         native = set(modes) == {"zeros"} and all(lo == hi and lo >= 0 for lo, hi in view_pads)
-        if folded and view_pads[view] != (0, 0):
-            native = False  # the fold pads the two in-plane axes only
-        conv_padding = tuple(lo for lo, _ in view_pads) if native else (0, 0, 0)
-        in_plane = [a for a in range(3) if a != view]
+        conv_padding = tuple(lo for lo, _ in view_pads) if native else 0
         lo, hi = self.view_channels(view)
         outs = []
         for o_lo, o_hi, i_lo, i_hi, groups in _group_pieces(lo, hi, self.out_channels, self.in_channels, self.groups):
             xin = x if (i_lo == 0 and i_hi == x.shape[1]) else x[:, i_lo:i_hi]
             if not native:
                 xin = pad_or_crop(xin, view_pads, modes)
-            if folded:
-                outs.append(folded_planar_conv(xin, self.weight[o_lo:o_hi], view, self.stride,
-                                               [conv_padding[a] for a in in_plane], self.dilation, groups))
-            else:
-                weight = self.weight[o_lo:o_hi].unsqueeze(2 + view)
-                outs.append(F.conv3d(xin, weight, None, self.stride, conv_padding, dilation, groups))
+            weight = self.weight[o_lo:o_hi].unsqueeze(2 + view)
+            outs.append(F.conv3d(xin, weight, None, self.stride, conv_padding, dilation, groups))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def path(self, shape: Sequence[int]) -> str:
-        """How :meth:`forward` computes an input of ``shape``: ``"views"``, ``"folded"`` or ``"dense"``.
+        """How :meth:`forward` computes an input of ``shape``: ``"views"`` or ``"dense"``.
 
-        ``views`` is the reference: one thin 3D convolution per view, as ``acsconv`` computes them. ``folded`` computes
-        the same views as 2D convolutions with the thin axis folded into the batch (:func:`folded_planar_conv`).
         ``dense`` is one convolution whose cubic kernel holds the three views' planes mixed by the view weights
         (:meth:`dense_kernel`): the same FLOPs as the three views for ``soft`` / ``mean`` with ``k = 3``, one call
-        instead of three and no full-size intermediates, and for a ``1 x 1`` kernel one convolution in every mode;
-        for ``acs`` with ``k > 1`` three times its FLOPs. Measured on CPU (2 threads, oneDNN; ``python -m
-        benchmarks.lift_ops --paths``): dense pays from :data:`DENSE_MIN_VOXELS` output voxels per sample on (a
-        padded cubic kernel on a tiny map costs more than three thin ones), and the fold beats the thin 3D
-        convolutions from :data:`FOLDED_MIN_VOXELS`. :func:`operator_choice` forces one path.
+        instead of three and no full-size intermediates, and for a ``1 x 1`` kernel one convolution in every mode.
+        ``views`` is the reference (one thin convolution per view, as ``acsconv`` computes them). Measured on CPU
+        (2 threads, oneDNN; ``python -m benchmarks.lift_ops --paths``): dense pays from :data:`DENSE_MIN_VOXELS` output
+        voxels per sample on (a padded cubic kernel on a tiny map costs more than three thin ones), and never for
+        ``acs`` with ``k > 1`` (three times its FLOPs). :func:`operator_choice` forces one path.
         """
         forced = _CHOICE["path"]
-        if _exporting():
+        if not self.isotropic or _exporting():
             return "views"  # ONNX export: a convolution's kernel must be a weight, not one computed in the graph
-        if forced in ("views", "folded") or (forced == "dense" and self.isotropic):
-            return forced  # type: ignore[return-value]
-        voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))
-        views = "folded" if voxels >= FOLDED_MIN_VOXELS else "views"
-        if not self.isotropic or forced == "dense":
-            return views  # a non-square kernel has no cubic twin
+        if forced is not None:
+            return forced
         if self.kernel_size[0] == 1:
             return "dense"
         if REGISTRY[self.mode].split_channels:
-            return views
-        return "dense" if voxels >= DENSE_MIN_VOXELS else views
+            return "views"
+        voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))
+        return "dense" if voxels >= DENSE_MIN_VOXELS else "views"
 
     def dense_kernel(self) -> torch.Tensor:
         """The cubic kernel ``(out, in / groups, k, k, k)`` equal to the mixed views: each view's weighted 2D kernel
@@ -553,11 +476,9 @@ class ACSConv3d(ACSLayer):
         check_5d(x, type(self).__name__)
         layout = conv_layout(x)
         x = in_layout(x, layout)
-        path = self.path(x.shape)
-        if path == "dense":
+        if self.path(x.shape) == "dense":
             return in_layout(self._dense(x), layout)
-        views = [self._view(x, v, folded=path == "folded") for v in self.active_views()]
-        return in_layout(self.mix_views(views), layout)
+        return in_layout(self.mix_views([self._view(x, v) for v in self.active_views()]), layout)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = (
