@@ -160,7 +160,7 @@ class WeightsFile:
 
 def read_weights_file(path: str | Path) -> WeightsFile:
     """Reads a state dict or a GaNDLF `<arch>_best.pth.tar` checkpoint (with its run's `parameters.pkl`),
-    tensors-only: see `load_tensors_file`."""
+    tensors-only (see `load_tensors_file`), without DistributedDataParallel's `module.` key prefix."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"The weights file {path} does not exist; set `pretrained:` to an existing file or false.")
@@ -184,7 +184,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
         state_dict = content
     else:
         raise WeightsError(f"{path} holds neither a state dict nor a GaNDLF checkpoint ({type(content).__name__}).")
-    return WeightsFile(path, state_dict, architecture, dimension)
+    return WeightsFile(path, _strip_ddp_prefix(state_dict), architecture, dimension)
 
 
 def _allowed_globals() -> dict[str, Any]:
@@ -315,7 +315,6 @@ class Source:
         if not isinstance(choice, Path):
             return cls(tag=choice)
         file = read_weights_file(choice)
-        file = WeightsFile(file.path, _strip_ddp_prefix(file.state_dict), file.architecture, file.dimension)
         kernels = kernel_dimension(file.state_dict)
         if kernels is None:
             raise ConfigError(f"{where} = {str(choice)!r}: the file holds no convolution kernel to load.")

@@ -15,6 +15,12 @@ from gandlf_dimlift.synthetic import write_config
 BIN = Path(sys.executable).parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """List the slowest tests after every run (unless --durations is given), so tier times stay visible in CI."""
+    if config.option.durations is None:
+        config.option.durations = 15
+
+
 def gandlf_env(**extra: str) -> dict[str, str]:
     """The environment for a GaNDLF subprocess: no GPU, few threads, no pre-existing opt-out."""
     env = {k: v for k, v in os.environ.items() if k != "GANDLF_DIMLIFT_DISABLE"}

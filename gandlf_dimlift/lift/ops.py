@@ -171,8 +171,11 @@ class LiftedConv3d(nn.Conv3d):
         **kwargs: As ``nn.Conv3d``.
     """
 
-    def __init__(self, *args: object, tf_same: bool = False, replicate_dim: int | None = None, **kwargs: object):
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self, *args: object, tf_same: bool = False, replicate_dim: int | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, **kwargs: object,
+    ):  # device and dtype named for torch.nn.utils.skip_init
+        super().__init__(*args, device=device, dtype=dtype, **kwargs)  # type: ignore[arg-type]
         if isinstance(self.padding, str) and (tf_same or replicate_dim is not None):
             raise ValueError(f"explicit padding needs integer padding, got padding={self.padding!r}")
         self.tf_same, self.replicate_dim = tf_same, replicate_dim

@@ -50,8 +50,8 @@ class Architecture:
         problem_types: Supported GaNDLF problem types.
         examples: Small configurations for the generic test.
         lift: `lift(model_2d, spec, options) -> model_3d` (with `gandlf_dimlift.lift.lift`, the mode in
-            `options["converter_type"]`); None for a network built in its own dimension. A lifted network has a
-            `dimension` attribute that its forward checks.
+            `options["converter_type"]`; in place is fine: the builder does not use `model_2d` again); None for a
+            network built in its own dimension. A lifted network has a `dimension` attribute that its forward checks.
         parts: `parts(model) -> weights.Parts`: the encoder, the rest and the output layer, for weights files.
         check: `check(spec, options)`: architecture-specific config checks, before anything is built.
         probe_shape: `probe_shape(spec) -> shape` of an input of the network `make` returns, used to find the

@@ -162,7 +162,8 @@ def parts(model: DXNet) -> weights.Parts:
 
 
 def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
-    """Lifts the 2D twin to 3D with the chosen converter, slice strides and slice padding."""
+    """Lifts the 2D twin to 3D (in place: the builder owns it) with the chosen converter, slice strides and slice
+    padding."""
     keep = _kept_slice_resolution(model_2d, _slice_strides(options["slice_stride_from_stage"]))
     model_2d.dimension = 3  # the lifted forward checks for 5D input
     if options["converter_type"] == "inflate_center" and hasattr(model_2d, "decoder"):
@@ -171,16 +172,9 @@ def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
         # 2D response.
         for index, stage in enumerate(model_2d.decoder.stages):
             kept = [""] if f"decoder.stages.{index}.up" in keep else []
-            stage.up = lift(stage.up, mode="inflate", axis="z", keep_axis_resolution=kept)
-    try:
-        model = lift(
-            model_2d, mode=options["converter_type"], axis="z", keep_axis_resolution=keep,
-            axis_padding=options["slice_padding"],
-        )
-    finally:
-        model_2d.dimension = 2
-    model.dimension = 3
-    return model
+            stage.up = lift(stage.up, mode="inflate", axis="z", keep_axis_resolution=kept, inplace=True)
+    return lift(model_2d, mode=options["converter_type"], axis="z", keep_axis_resolution=keep,
+                axis_padding=options["slice_padding"], inplace=True)
 
 
 def _encoder_stages(encoder: nn.Module) -> list[nn.Module]:

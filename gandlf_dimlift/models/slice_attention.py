@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -90,21 +91,20 @@ class BatchRenorm2d(nn.BatchNorm2d):
         if count < 2:  # one value per channel: no batch statistics, so the running ones alone
             normalized = (x - running_mean[:, None, None]) / running_std[:, None, None]
             return normalized * self.weight[:, None, None] + self.bias[:, None, None]
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-        std = torch.sqrt(var + self.eps)
-        # (x - mean) / std * r + d with r = std / running_std and d = (mean - running_mean) / running_std held
-        # constant: forward value (x - running_mean) / running_std, gradient through the batch statistics.
-        r = (std / running_std).detach()
-        d = ((mean - running_mean) / running_std).detach()
-        scale = self.weight * r / std
-        shift = self.bias + self.weight * d
-        if not recomputing:
-            with torch.no_grad():
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+            # (x - mean) / std * r + d with r = std / running_std and d = (mean - running_mean) / running_std held
+            # constant: forward value (x - running_mean) / running_std, gradient through the batch statistics.
+            r = torch.sqrt(var + self.eps) / running_std
+            d = (mean - running_mean) / running_std
+            if not recomputing:
                 self.num_batches_tracked += 1
                 momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
-        return (x - mean[:, None, None]) * scale[:, None, None] + shift[:, None, None]
+        # torch's fused batch norm in training mode (one kernel forward and backward, where the expression above
+        # spelt out costs several passes over the activations) with the corrections folded into its affine terms
+        return F.batch_norm(x, None, None, self.weight * r, self.bias + self.weight * d, True, 0.0, self.eps)
 
 
 @contextmanager

@@ -132,7 +132,7 @@ def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None) -> Sm
 
 def lift_net(model: SmpModel, spec: ModelSpec, options: dict[str, Any]) -> SmpModel:
     """Lifts the network inside the GaNDLF-facing model (whose forward checks the input layout first)."""
-    model.net = lift(model.net, mode=options["converter_type"], axis=options["slice_axis"])
+    model.net = lift(model.net, mode=options["converter_type"], axis=options["slice_axis"], inplace=True)
     return model
 
 
@@ -200,6 +200,7 @@ OPTIONS = (
 )
 
 _SMALL = {"encoder_name": "resnet18", "encoder_depth": 3, "pretrained": False}
+_SMALL_3D = (16, 16, 16)
 ARCHITECTURE = Architecture(
     key=KEY,
     summary="smp encoders and decoders, 2D or lifted to 3D (ACS, soft/mean ACS, 2.5D, I3D inflation).",
@@ -209,10 +210,11 @@ ARCHITECTURE = Architecture(
     parts=parts,
     check=check,
     smaller_bottleneck="a smaller model.encoder_depth (each stage halves the patch)",
-    examples=(
-        *(Example("segmentation", 3, {**_SMALL, "decoder_name": d}) for d in ("unet", "fpn", "linknet")),
-        Example("classification", 3, dict(_SMALL)),
-        Example("regression", 3, {**_SMALL, "converter_type": "inflate"}, n_outputs=1),
+    examples=(  # 3D at 16^3: a 2^3 bottleneck after three halvings, an eighth of the work of 32^3
+        *(Example("segmentation", 3, {**_SMALL, "decoder_name": d}, patch_size=_SMALL_3D)
+          for d in ("unet", "fpn", "linknet")),
+        Example("classification", 3, dict(_SMALL), patch_size=_SMALL_3D),
+        Example("regression", 3, {**_SMALL, "converter_type": "inflate"}, patch_size=_SMALL_3D, n_outputs=1),
         Example("segmentation", 2, {**_SMALL, "decoder_name": "unet"}, patch_size=(32, 32)),
         Example("classification", 2, dict(_SMALL), patch_size=(32, 32)),
     ),
