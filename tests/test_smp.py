@@ -40,7 +40,8 @@ def test_2d_gandlf_checkpoint_is_inflated_into_the_3d_model(tmp_path):
         expected = model_2d(image)
         volume = model_3d(image[..., None].expand(-1, -1, -1, -1, 224).contiguous())
     interior = volume[..., 64:160]
-    assert (interior - expected[..., None]).abs().max() < 1e-4
+    # float32 rounding grows with the output's scale (a trained checkpoint's logits reach ~30): relative bound
+    assert (interior - expected[..., None]).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
     random_3d = build(3, patch=(32, 32, 224), converter_type="inflate").eval()
     with torch.no_grad():
         unrelated = random_3d(image[..., None].expand(-1, -1, -1, -1, 224).contiguous())[..., 64:160]
