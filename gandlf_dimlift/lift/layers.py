@@ -131,7 +131,7 @@ def lift_conv(m: nn.Conv2d, spec: LiftSpec, path: str, tf_same: bool = False) ->
 
 def _construct(cls: type[nn.Module], spec: LiftSpec, *args: object, **kwargs: object) -> nn.Module:
     """``cls(*args, **kwargs)``, without the random initialisation when the mode fills every weight from the 2D
-    layer (initialising the larger 3D kernels only to overwrite them was a fifth of a model build's time)."""
+    layer (the larger 3D kernels would be initialised only to be overwritten)."""
     if spec.mode.fill is None:
         return cls(*args, **kwargs)
     return torch.nn.utils.skip_init(cls, *args, **kwargs)
