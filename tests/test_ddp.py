@@ -56,7 +56,8 @@ def run_ranks(command: list[str], world: int, timeout: int, env: dict) -> list[s
 # driver runs GaNDLF's own training path (`main_run` -> `TrainingManager` -> `lightning.Trainer(strategy="ddp")`)
 # with GaNDLF's module subclassed so that those methods run on every rank, rank >= 1 writing to its own folder.
 # Training steps, loss, optimizer, data module and DDP wrapping are GaNDLF's and Lightning's, unchanged; the
-# subclass only shifts rank r's images by r (see on_train_batch_start) and prints a parameter checksum at the end.
+# subclass only adds a rank-dependent ramp to the images (see on_train_batch_start) and prints a parameter
+# checksum at the end.
 DDP_DRIVER = textwrap.dedent(
     """
     import os, sys
@@ -73,10 +74,13 @@ DDP_DRIVER = textwrap.dedent(
             super().__init__(params, output_dir, *args, **kwargs)
 
         def on_train_batch_start(self, batch, batch_idx):
-            # GaNDLF's torchio queue may hand every rank the same subject: shift rank r's images by r, so that equal
-            # parameters after training can only come from DDP's gradient averaging.
+            # GaNDLF's torchio queue may hand every rank the same subject: add rank r's images r times a ramp along
+            # the last axis, so that equal parameters after training can only come from DDP's gradient averaging.
+            # (A constant shift would not do: the first convolution turns it into a per-channel constant that the
+            # batch norm after it removes, so both ranks would see the same activations.)
             for key in self.params["channel_keys"]:
-                batch[key]["data"].add_(float(self.global_rank))
+                data = batch[key]["data"]
+                data.add_(self.global_rank * torch.linspace(0, 1, data.shape[-1], dtype=data.dtype))
 
         def on_fit_end(self):
             flat = torch.cat([p.detach().flatten() for p in self.model.parameters()]).double()
