@@ -9,22 +9,30 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gandlf_dimlift.synthetic import write_config
 
 BIN = Path(sys.executable).parent
 
 
+# pytest-xdist runs one worker per core (pyproject.toml): each worker, and the subprocesses it starts, gets its share
+# of the cores' threads, since oversubscribed OpenMP threads slow everything down.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """List the slowest tests after every run (unless --durations is given), so tier times stay visible in CI."""
     if config.option.durations is None:
         config.option.durations = 15
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # for every subprocess a test starts
 
 
 def gandlf_env(**extra: str) -> dict[str, str]:
     """The environment for a GaNDLF subprocess: no GPU, few threads, no pre-existing opt-out."""
     env = {k: v for k, v in os.environ.items() if k != "GANDLF_DIMLIFT_DISABLE"}
-    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}, **extra)
+    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}, **extra)
     return env
 
 

@@ -147,7 +147,9 @@ def _twins(converter_type: str, problem_type: str = "segmentation", **options):
     resolved = DXNET.resolve({"converter_type": converter_type, "pretrained": False, **options}, 3, problem_type)
     model_2d = DXNET.make(spec.planar(), resolved, None)
     randomise_batchnorm(model_2d)
-    model_3d = DXNET.lift(copy.deepcopy(model_2d), spec, resolved)
+    model_3d = copy.deepcopy(model_2d)
+    model_3d.dimension = 3  # as the builder sets it before the lift
+    model_3d = DXNET.lift(model_3d, spec, resolved)
     return model_2d.eval(), model_3d.eval()
 
 

@@ -162,10 +162,9 @@ def parts(model: DXNet) -> weights.Parts:
 
 
 def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
-    """Lifts the 2D twin to 3D (in place: the builder owns it) with the chosen converter, slice strides and slice
-    padding."""
+    """Lifts the 2D twin to 3D (in place: the builder owns it and has set its `dimension` to 3) with the chosen
+    converter, slice strides and slice padding."""
     keep = _kept_slice_resolution(model_2d, _slice_strides(options["slice_stride_from_stage"]))
-    model_2d.dimension = 3  # the lifted forward checks for 5D input
     if options["converter_type"] == "inflate_center" and hasattr(model_2d, "decoder"):
         # A transposed conv of stride 2 has no centre form (every other output plane would get no input): its
         # kernel equals its stride, so inflating it (one tap per output plane) is the only transfer that keeps the
