@@ -300,9 +300,9 @@ def test_report_renders_the_summary_alone(tmp_path: Path) -> None:
 COMMITTED = {
     "RESULTS_quick": (compare.QUICK_DETECTION_ROWS, compare.QUICK_SEGMENTATION_ROWS, compare.QUICK_FAMILIES,
                       compare.QUICK_FRACTIONS),
-    # the rows of the full run made so far (its command in the file); issue 13 asks for every default row
-    "RESULTS": (("resnet18", "densenet121", "dimlift_slice_attention/attention", "dimlift_smp/cls"),
-                ("dimlift_dxnet/b0",), compare.QUICK_FAMILIES, (0.25,)),
+    # every detection and segmentation row; the pretraining experiment so far (its command in the file): three
+    # families at 25 % (issue 13 asks for all four at 100 % too)
+    "RESULTS": (compare.DETECTION_ROWS, compare.SEGMENTATION_ROWS, compare.QUICK_FAMILIES, (0.25,)),
 }
 
 
