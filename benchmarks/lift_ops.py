@@ -143,6 +143,7 @@ def run(size: int, repeats: int, channels: int) -> list[dict]:
 #: (in, out, spatial size, stride) of the 3x3 convolutions of a resnet18 U-Net on 64^3 (encoder and decoder).
 PATH_SHAPES = ((16, 16, 64, 1), (32, 32, 32, 1), (64, 64, 16, 1), (64, 128, 16, 2), (128, 128, 8, 1),
                (256, 256, 4, 1))
+PATHS = ("views", "dense")  # the two computations ACSConv3d.path chooses between
 
 
 class _Forced(nn.Module):
@@ -166,13 +167,10 @@ def run_paths(repeats: int, batch: int) -> list[dict]:
     rows = []
     for cin, cout, size, stride in PATH_SHAPES:
         x = torch.randn(batch, cin, size, size, size).contiguous(memory_format=torch.channels_last_3d)
-        layers = {
-            "acs": (ACSConv3d(cin, cout, 3, stride, 1, mode="acs"), ("views", "dense")),
-            "soft": (ACSConv3d(cin, cout, 3, stride, 1, mode="soft"), ("views", "dense")),
-        }
-        for mode, (layer, paths) in layers.items():
-            forced = {path: _Forced(layer, path) for path in paths}
-            times: dict[str, list[float]] = {path: [] for path in paths}
+        for mode in ("acs", "soft"):
+            layer = ACSConv3d(cin, cout, 3, stride, 1, mode=mode)
+            forced = {path: _Forced(layer, path) for path in PATHS}
+            times: dict[str, list[float]] = {path: [] for path in PATHS}
             for module in forced.values():
                 _step(module, x)
             for _ in range(repeats):
@@ -206,7 +204,7 @@ def main() -> None:
         print("| layer | mode | views | dense | fastest | chosen |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            cells = " | ".join(f"{r['seconds'][p]:.4f}" for p in ("views", "dense"))
+            cells = " | ".join(f"{r['seconds'][p]:.4f}" for p in PATHS)
             print(f"| {r['shape']} | {r['mode']} | {cells} | {r['fastest']} | {r['chosen']} |")
         return
     rows = run(args.size, args.repeats, args.channels)

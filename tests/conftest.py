@@ -17,7 +17,8 @@ BIN = Path(sys.executable).parent
 
 
 # pytest-xdist runs one worker per core (pyproject.toml): each worker, and the subprocesses it starts, gets its share
-# of the cores' threads, since oversubscribed OpenMP threads slow everything down.
+# of the cores' threads, since oversubscribed OpenMP threads slow everything down; at most 2, what the tests used
+# in one process before.
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
@@ -32,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def gandlf_env(**extra: str) -> dict[str, str]:
     """The environment for a GaNDLF subprocess: no GPU, few threads, no pre-existing opt-out."""
     env = {k: v for k, v in os.environ.items() if k != "GANDLF_DIMLIFT_DISABLE"}
-    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}, **extra)
+    env.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}, **extra)  # OMP_NUM_THREADS: pytest_configure
     return env
 
 

@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import THREADS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -121,8 +120,7 @@ def build(tmp_path, wheel):
     shutil.copy2(wheel, context / "dist")
     python = scratch_environment(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("GANDLF_DIMLIFT_DISABLE", "PYTHONPATH")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(THREADS), PIP_DISABLE_PIP_VERSION_CHECK="1",
-               HOME=str(tmp_path))
+    env.update(CUDA_VISIBLE_DEVICES="", PIP_DISABLE_PIP_VERSION_CHECK="1", HOME=str(tmp_path))
     args = {"PYTHON": str(python), "DIMLIFT_DIR": str(tmp_path / "opt" / "gandlf-dimlift")}
 
     def run(extra_args=None, extra_env=None, skip=lambda step: False):
