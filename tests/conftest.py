@@ -22,12 +22,28 @@ BIN = Path(sys.executable).parent
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+# The files that take longest (minutes of real training each), started first so that no worker runs one alone at
+# the end while the others idle: xdist hands out whole files (--dist loadfile) in collection order once its own
+# reordering (by number of tests, which put these last) is off.
+LONGEST_FIRST = ("test_sample_configs.py", "test_openfl.py", "test_cli_and_configs.py", "test_dxnet.py")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """List the slowest tests after every run (unless --durations is given), so tier times stay visible in CI."""
     if config.option.durations is None:
         config.option.durations = 15
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     torch.set_num_threads(THREADS)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)  # for every subprocess a test starts
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the other files is kept
 
 
 def gandlf_env(**extra: str) -> dict[str, str]:
