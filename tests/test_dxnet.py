@@ -137,6 +137,22 @@ def test_decoder_norm_follows_gandlf_norm_type(norm_type, norm_class):
     assert out.shape == (1, 2, 64, 32, 32) and torch.isfinite(out).all()
 
 
+def test_decoder_and_head_start_from_the_efficientnet_reference_init_and_the_encoder_from_smps():
+    """The 1x1 head's initial logits set how fast a softmax + Dice U-Net learns (docs/conformance.md)."""
+    torch.manual_seed(0)
+    model = OMNIANET(parameters=parameters("dimlift_omnianet", patch_size=(64, 64)))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and module.weight.numel() >= 1000:
+            fan_out = module.out_channels // module.groups * module.weight[0, 0].numel()
+            ratio = module.weight.std().item() / (2 / fan_out) ** 0.5
+            if name.startswith(("decoder", "full_resolution")):
+                assert 0.9 < ratio < 1.1, (name, ratio)
+            elif name.startswith("encoder") and module.groups == 1 and module.out_channels <= module.in_channels:
+                assert ratio < 0.75, f"{name}: the encoder's init was replaced ({ratio:.2f})"
+    head = model.segmentation_head
+    assert head.weight.abs().max() > 0.5 and not head.bias.any()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inflation
 
