@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gandlf_dimlift.lift import lift
-from gandlf_dimlift.lift.ops import DENSE_MIN_VOXELS, ACSConv3d, LiftedConv3d, operator_choice, tf_same_pads
+from gandlf_dimlift.lift.ops import (
+    DENSE_BELOW_VIEW_CHANNELS,
+    DENSE_MIN_VOXELS,
+    ACSConv3d,
+    LiftedConv3d,
+    operator_choice,
+    tf_same_pads,
+)
 
 CL = torch.channels_last_3d
 
@@ -111,15 +118,18 @@ def test_channels_last_choice_per_layer() -> None:
 
 
 def test_path_choice_on_both_branches() -> None:
-    big = (2, 4) + (16, 16, 16)  # DENSE_MIN_VOXELS output voxels per sample at stride 1
-    small = (2, 4) + (15, 16, 16)
-    assert 16**3 == DENSE_MIN_VOXELS
+    big = (2, 4) + (8, 8, 8)  # DENSE_MIN_VOXELS output voxels per sample at stride 1
+    small = (2, 4) + (7, 8, 8)
+    assert 8**3 == DENSE_MIN_VOXELS and DENSE_BELOW_VIEW_CHANNELS == 8
     soft = ACSConv3d(4, 6, 3, 1, 1, mode="soft")
     assert soft.path(big) == "dense" and soft.path(small) == "views"
     strided = ACSConv3d(4, 6, 3, 2, 1, mode="mean")
-    assert strided.path((2, 4, 32, 32, 32)) == "dense" and strided.path((2, 4, 30, 32, 32)) == "views"
-    acs = ACSConv3d(4, 6, 3, 1, 1, mode="acs")
+    assert strided.path((2, 4, 16, 16, 16)) == "dense" and strided.path((2, 4, 14, 16, 16)) == "views"
+    acs = ACSConv3d(4, 24, 3, 1, 1, mode="acs")  # 8 output channels per view
     assert acs.path(big) == "views"  # a cubic kernel would triple acs's FLOPs
+    thin = ACSConv3d(4, 16, 3, 1, 1, mode="acs")  # 6, 5, 5 per view: oneDNN's thin convolutions are slower
+    assert thin.path(big) == "dense" and thin.path(small) == "views"
+    assert ACSConv3d(4, 16, 3, 1, 1, mode="acs", groups=2).path(big) == "views"  # measured for groups 1 only
     assert ACSConv3d(4, 6, 1, 2, 0, mode="acs").path(small) == "dense"  # a 1x1 conv: every view is the same conv
     assert ACSConv3d(4, 6, (1, 3), 1, (0, 1), mode="soft").path(big) == "views"  # non-square: views only
     with operator_choice(path="views"):

@@ -215,7 +215,11 @@ class LiftedConv3d(nn.Conv3d):
 
 
 #: Output voxels per sample from which ``soft`` / ``mean`` convolutions take the dense path (see ACSConv3d.path).
-DENSE_MIN_VOXELS = 16**3
+DENSE_MIN_VOXELS = 8**3
+#: An ``acs`` convolution (groups 1) whose thinnest view computes fewer output channels than this takes the dense
+#: path too, from DENSE_MIN_VOXELS on: oneDNN runs convolutions of a handful of output channels so slowly that a
+#: cubic kernel of three times the FLOPs is faster (see ACSConv3d.path).
+DENSE_BELOW_VIEW_CHANNELS = 8
 _PATH_NAMES = ("views", "dense")
 #: Forced operator choices: the ACS path (None: by shape) and whether lifted convs compute in channels-last.
 _CHOICE: dict[str, str | bool | None] = {"path": None, "channels_last": True}
@@ -435,9 +439,12 @@ class ACSConv3d(ACSLayer):
         (:meth:`dense_kernel`): the same FLOPs as the three views for ``soft`` / ``mean`` with ``k = 3``, one call
         instead of three and no full-size intermediates, and for a ``1 x 1`` kernel one convolution in every mode.
         ``views`` is the reference (one thin convolution per view, as ``acsconv`` computes them). Measured on CPU
-        (2 threads, oneDNN; ``python -m benchmarks.lift_ops --paths``): dense pays from :data:`DENSE_MIN_VOXELS` output
-        voxels per sample on (a padded cubic kernel on a tiny map costs more than three thin ones), and never for
-        ``acs`` with ``k > 1`` (three times its FLOPs). :func:`operator_choice` forces one path.
+        (2 threads, oneDNN; ``python -m benchmarks.lift_ops --paths``): for ``soft`` / ``mean`` dense pays from
+        :data:`DENSE_MIN_VOXELS` output voxels per sample on (64 -> 128 channels at 8^3 output: 0.0065 s against
+        0.0080; at 4^3 a padded cubic kernel costs more than three thin ones). For ``acs`` with ``k > 1`` dense has
+        three times the FLOPs and loses (32 -> 32 at 32^3: 0.027 s against 0.022), except when each view computes
+        only a few channels (16 -> 16, 5-6 per view, at 32^3 and 64^3: dense 21-26 % faster; 10-11 per view:
+        views faster), below :data:`DENSE_BELOW_VIEW_CHANNELS`. :func:`operator_choice` forces one path.
         """
         forced = _CHOICE["path"]
         if not self.isotropic or _exporting():
@@ -447,7 +454,9 @@ class ACSConv3d(ACSLayer):
         if self.kernel_size[0] == 1:
             return "dense"
         if REGISTRY[self.mode].split_channels:
-            return "views"
+            thinnest = min(hi - lo for lo, hi in map(self.view_channels, self.active_views()))
+            if self.groups != 1 or thinnest >= DENSE_BELOW_VIEW_CHANNELS:
+                return "views"
         voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))
         return "dense" if voxels >= DENSE_MIN_VOXELS else "views"
 
