@@ -454,7 +454,7 @@ class ACSConv3d(ACSLayer):
         if self.kernel_size[0] == 1:
             return "dense"
         if REGISTRY[self.mode].split_channels:
-            thinnest = min(hi - lo for lo, hi in map(self.view_channels, self.active_views()))
+            thinnest = min(c for c in self.acs_kernel_split if c)
             if self.groups != 1 or thinnest >= DENSE_BELOW_VIEW_CHANNELS:
                 return "views"
         voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))

@@ -115,6 +115,8 @@ def efficientnet_reference_init(model: nn.Module) -> None:
     """
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
+            # not nn.init.kaiming_normal_(mode="fan_out"): torch takes a transposed conv's fan_out from its input
+            # channels (weight dim 0) and ignores groups
             fan_out = module.out_channels // module.groups * module.weight[0, 0].numel()
             nn.init.normal_(module.weight, 0.0, (2.0 / fan_out) ** 0.5)
             if module.bias is not None:
