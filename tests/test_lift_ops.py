@@ -11,10 +11,12 @@ from torch import nn
 
 from gandlf_dimlift.lift import lift
 from gandlf_dimlift.lift.ops import (
+    CHANNELS_LAST_MIN_VOXELS,
     DENSE_BELOW_VIEW_CHANNELS,
     DENSE_MIN_VOXELS,
     ACSConv3d,
     LiftedConv3d,
+    channels_last,
     operator_choice,
     tf_same_pads,
 )
@@ -99,22 +101,29 @@ def test_lifted_conv_in_channels_last_equals_the_reference(groups, stride, paddi
     modes = ["replicate" if d == replicate_dim else padding_mode for d in range(3)]
     reference = _PadThenConv(nn.Conv3d(6, 6, 3, stride, 0, 1, groups, True), modes, tf_same)
     reference.conv.load_state_dict(conv.state_dict())
-    for shape in ((7, 8, 9), (6, 6, 6)):
+    for shape in ((7, 8, 9), (6, 6, 6), (31, 32, 33)):  # the last computes in channels-last at strides 1 and 2
         x = torch.randn(2, 6, *shape)
         _assert_same(_run(conv, x), _run(reference, x, channels_last=False))
+    assert conv(x).is_contiguous(memory_format=CL)
 
 
-def test_channels_last_choice_per_layer() -> None:
-    assert LiftedConv3d(4, 4, 3, 1, 1, groups=4).channels_last
-    assert not LiftedConv3d(4, 4, 3, 2, 1, groups=4).channels_last  # strided depthwise: slower in channels-last
-    assert LiftedConv3d(4, 8, 3, 2, 1, groups=2).channels_last
-    large = torch.randn(2, 4, 32, 32, 32)  # from CHANNELS_LAST_MIN_VOXELS per sample: channels-last
-    small = torch.randn(2, 4, 6, 6, 6)  # below it: the standard layout (oneDNN was slower in channels-last there)
+def test_channels_last_choice_by_output_size() -> None:
+    assert CHANNELS_LAST_MIN_VOXELS == 16**3
+    large = torch.randn(2, 4, 32, 32, 32)
+    small = torch.randn(2, 4, 15, 16, 16)  # below CHANNELS_LAST_MIN_VOXELS: the standard layout
     assert LiftedConv3d(4, 4, 3, 1, 1)(large).is_contiguous(memory_format=CL)
     assert LiftedConv3d(4, 4, 3, 1, 1)(small.contiguous(memory_format=CL)).is_contiguous()
-    assert LiftedConv3d(4, 4, 3, 2, 1, groups=4)(large).is_contiguous()
+    assert LiftedConv3d(4, 4, 3, 2, 1, groups=4)(large).is_contiguous(memory_format=CL)  # 16^3 output
+    assert LiftedConv3d(4, 4, 3, 2, 1, groups=4)(torch.randn(2, 4, 16, 32, 32)).is_contiguous()  # 8 x 16 x 16
+    assert ACSConv3d(4, 6, 3, 1, 1, mode="acs")(large).is_contiguous(memory_format=CL)
+    assert ACSConv3d(4, 6, 3, 2, 1, mode="acs")(large).is_contiguous(memory_format=CL)
     with operator_choice(channels_last=False):
         assert LiftedConv3d(4, 4, 3, 1, 1)(large).is_contiguous()
+    slices = torch.randn(3, 3, 80, 80)
+    assert channels_last(slices).is_contiguous(memory_format=torch.channels_last)
+    assert channels_last(torch.randn(3, 3, 80, 79)).is_contiguous()  # below CHANNELS_LAST_MIN_PIXELS: kept
+    with operator_choice(channels_last=False):
+        assert channels_last(slices).is_contiguous()
 
 
 def test_path_choice_on_both_branches() -> None:

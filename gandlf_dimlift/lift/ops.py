@@ -109,8 +109,8 @@ def padding_modes(padding_mode: str, replicate_dim: int | None) -> tuple[str, st
     return tuple("replicate" if d == replicate_dim else padding_mode for d in range(3))  # type: ignore[return-value]
 
 
-#: Spatial voxels per sample from which lifted 3D convolutions compute in ``channels_last_3d`` (see conv_layout).
-CHANNELS_LAST_MIN_VOXELS = 32**3
+#: Output voxels per sample from which lifted 3D convolutions compute in ``channels_last_3d`` (see conv_layout).
+CHANNELS_LAST_MIN_VOXELS = 16**3
 
 
 def _exporting() -> bool:
@@ -125,38 +125,49 @@ def in_layout(x: torch.Tensor, layout: torch.memory_format | None) -> torch.Tens
     return x.contiguous(memory_format=layout)
 
 
-def conv_layout(x: torch.Tensor) -> torch.memory_format | None:
-    """The layout a lifted 3D convolution computes the 5D ``x`` in.
+def conv_layout(x: torch.Tensor, stride: Sequence[int] = (1, 1, 1)) -> torch.memory_format | None:
+    """The layout a lifted 3D convolution of ``stride`` computes the 5D ``x`` in.
 
-    oneDNN's 3D kernels on this CPU (measured when the layout was chosen): ``channels_last_3d`` takes 0.5-0.8x the
-    time of the standard layout from 32^3 voxels per sample (the few-channel, high-resolution layers that dominate a
-    U-Net's step), about the same at 8^3-16^3 and up to 1.8x at 4^3. So: channels-last from
-    :data:`CHANNELS_LAST_MIN_VOXELS`, the standard layout below. ``None`` (keep) under
-    ``operator_choice(channels_last=False)``.
+    oneDNN's 3D kernels on this CPU (2 threads, forward + backward, measured when the rule was chosen): in
+    ``channels_last_3d`` dense convolutions at 32^3 voxels and more take 0.5-0.8x the time of the standard layout,
+    depthwise ones at 16^3-64^3 output 0.3-0.8x (EfficientNet's 480 channels, 5^3 kernel, at 16^3: 0.58x; 96
+    channels, 3^3, stride 2 from 64^3: 0.67x), but at 8^3 output 1.1-1.7x (672 and 1152 channels, 5^3) and at 2^3
+    output 15x (672 channels, 5^3, stride 2 from 4^3). Whole train steps (batch 2), this rule against the previous
+    one (32^3 input voxels, strided depthwise never): at 64^3 DX-Net's classifier 0.75x, its U-Net 0.93x, smp's U-Net
+    0.94x (acs) to 0.98x (soft); at 128^3 DX-Net 0.62x (classifier) and 0.85x (U-Net); at 32^3 0.90x-1.03x. So:
+    channels-last from :data:`CHANNELS_LAST_MIN_VOXELS` output voxels per sample, the standard layout
+    below. ``None`` (keep) under ``operator_choice(channels_last=False)``.
     """
     if not _CHOICE["channels_last"] or _exporting():
         return None  # ONNX has no memory formats (the export fails on a layout change), and values do not depend on it
-    if math.prod(x.shape[2:]) >= CHANNELS_LAST_MIN_VOXELS:
+    if math.prod(-(-n // s) for n, s in zip(x.shape[2:], stride, strict=True)) >= CHANNELS_LAST_MIN_VOXELS:
         return torch.channels_last_3d
     return torch.contiguous_format
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A 4D ``x`` in the ``channels_last`` layout (a copy unless it already is, or :func:`operator_choice` says not).
+#: Pixels per slice from which the slice encoder's 2D convolutions compute in ``channels_last`` (see channels_last).
+CHANNELS_LAST_MIN_PIXELS = 80**2
 
-    For 2D convolutions on stacks of slices (the slice attention encoder): resnet18 on 128 slices of 64^2 trains
-    10 % faster in it on this CPU.
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4D stack of slices in the layout its 2D convolutions run fastest in: ``channels_last`` from
+    :data:`CHANNELS_LAST_MIN_PIXELS` per slice (a copy unless it already is), as it is below, or under
+    ``operator_choice(channels_last=False)``.
+
+    smp's resnet18 encoder, forward + backward, 2 threads, channels-last against the standard layout: 0.75x time
+    for 32 slices of 256^2, 0.89x for 64 of 128^2 and 96 of 96^2, 0.95x for 128 of 80^2, but 1.02-1.07x for 128 of
+    64^2 (the slices of a 64^3 volume) and the same for 64 of 32^2.
     """
-    return in_layout(x, torch.channels_last if _CHOICE["channels_last"] and not _exporting() else None)
+    use = _CHOICE["channels_last"] and not _exporting() and x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_PIXELS
+    return in_layout(x, torch.channels_last if use else None)
 
 
 class LiftedConv3d(nn.Conv3d):
     """The dense 3D convolution of a lifted model: ``nn.Conv3d`` (same state dict) computed in ``channels_last_3d``,
     with TensorFlow "SAME" padding and/or the border slices repeated along one axis where asked.
 
-    Layout: large maps compute in ``channels_last_3d``, where oneDNN's 3D kernels run faster on CPU
-    (:func:`conv_layout`), except depthwise convolutions with a stride (3-4x slower there); the output has the
-    layout the convolution computed in. Values do not depend on the layout.
+    Layout: large outputs compute in ``channels_last_3d``, where oneDNN's 3D kernels run faster on CPU
+    (:func:`conv_layout`); the output has the layout the convolution computed in. Values do not depend on it.
 
     With ``tf_same`` the padding is computed from the input size at every call: the 3D twin of
     ``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding`` (efficientnet-pytorch) and timm's ``Conv2dSame``,
@@ -180,17 +191,8 @@ class LiftedConv3d(nn.Conv3d):
             raise ValueError(f"explicit padding needs integer padding, got padding={self.padding!r}")
         self.tf_same, self.replicate_dim = tf_same, replicate_dim
 
-    @property
-    def channels_last(self) -> bool:
-        """Whether the convolution may compute in ``channels_last_3d`` (:func:`conv_layout`): all but strided
-        depthwise ones (3-4x slower in it)."""
-        depthwise = self.groups > 1 and self.groups == self.in_channels
-        return not (depthwise and max(self.stride) > 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        layout = conv_layout(x)
-        if layout is not None and not self.channels_last:
-            layout = torch.contiguous_format
+        layout = conv_layout(x, self.stride)
         # the output too: with one input channel torch cannot tell the layouts apart and returns the standard one
         return in_layout(self._conv(in_layout(x, layout)), layout)
 
@@ -486,7 +488,7 @@ class ACSConv3d(ACSLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         check_5d(x, type(self).__name__)
-        layout = conv_layout(x)
+        layout = conv_layout(x, self.stride)
         x = in_layout(x, layout)
         if self.path(x.shape) == "dense":
             return in_layout(self._dense(x), layout)
