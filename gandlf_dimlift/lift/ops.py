@@ -290,8 +290,8 @@ class ACSLayer(nn.Module):
         """The views that compute at least one output channel."""
         return [v for v in range(3) if self.view_channels(v)[1] > self.view_channels(v)[0]]
 
-    def mix_views(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """Combines the outputs of :meth:`active_views` and adds the bias.
+    def mix_views(self, views: list[torch.Tensor], add_bias: bool = True) -> torch.Tensor:
+        """Combines the outputs of :meth:`active_views` and adds the bias (unless the views hold it).
 
         A mode that splits the channels (``acs``) gives each view's channel group: they are concatenated. Otherwise
         every view holds every channel: they are summed, weighted per channel by the mode's ``view_weights``.
@@ -302,7 +302,7 @@ class ACSLayer(nn.Module):
         else:
             w = mode.view_weights(self).t().reshape(3, 1, -1, 1, 1, 1)
             out = views[0] * w[0] + views[1] * w[1] + views[2] * w[2]
-        if self.bias is not None:
+        if self.bias is not None and add_bias:
             out = out + self.bias.view(1, -1, 1, 1, 1)
         return out
 
@@ -431,7 +431,9 @@ class ACSConv3d(ACSLayer):
             if not native:
                 xin = pad_or_crop(xin, view_pads, modes)
             weight = self.weight[o_lo:o_hi].unsqueeze(2 + view)
-            outs.append(F.conv3d(xin, weight, None, self.stride, conv_padding, dilation, groups))
+            # a view that computes its own channels adds their bias in the convolution (no extra pass over the output)
+            bias = self.bias[o_lo:o_hi] if self.bias is not None and REGISTRY[self.mode].split_channels else None
+            outs.append(F.conv3d(xin, weight, bias, self.stride, conv_padding, dilation, groups))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def path(self, shape: Sequence[int]) -> str:
@@ -492,7 +494,8 @@ class ACSConv3d(ACSLayer):
         x = in_layout(x, layout)
         if self.path(x.shape) == "dense":
             return in_layout(self._dense(x), layout)
-        return in_layout(self.mix_views([self._view(x, v) for v in self.active_views()]), layout)
+        views = [self._view(x, v) for v in self.active_views()]
+        return in_layout(self.mix_views(views, add_bias=not REGISTRY[self.mode].split_channels), layout)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = (
