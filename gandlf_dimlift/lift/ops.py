@@ -125,6 +125,11 @@ def in_layout(x: torch.Tensor, layout: torch.memory_format | None) -> torch.Tens
     return x.contiguous(memory_format=layout)
 
 
+def output_voxels(shape: Sequence[int], stride: Sequence[int]) -> int:
+    """Voxels per sample of a convolution's output for input ``shape`` ``(B, C, X, Y, Z)`` (``same``-size padding)."""
+    return math.prod(-(-n // s) for n, s in zip(shape[2:], stride, strict=True))
+
+
 def conv_layout(x: torch.Tensor, stride: Sequence[int] = (1, 1, 1)) -> torch.memory_format | None:
     """The layout a lifted 3D convolution of ``stride`` computes the 5D ``x`` in.
 
@@ -140,7 +145,7 @@ def conv_layout(x: torch.Tensor, stride: Sequence[int] = (1, 1, 1)) -> torch.mem
     """
     if not _CHOICE["channels_last"] or _exporting():
         return None  # ONNX has no memory formats (the export fails on a layout change), and values do not depend on it
-    if math.prod(-(-n // s) for n, s in zip(x.shape[2:], stride, strict=True)) >= CHANNELS_LAST_MIN_VOXELS:
+    if output_voxels(x.shape, stride) >= CHANNELS_LAST_MIN_VOXELS:
         return torch.channels_last_3d
     return torch.contiguous_format
 
@@ -461,8 +466,7 @@ class ACSConv3d(ACSLayer):
             thinnest = min(c for c in self.acs_kernel_split if c)
             if self.groups != 1 or thinnest >= DENSE_BELOW_VIEW_CHANNELS:
                 return "views"
-        voxels = math.prod(-(-n // s) for n, s in zip(shape[2:], self.stride, strict=True))
-        return "dense" if voxels >= DENSE_MIN_VOXELS else "views"
+        return "dense" if output_voxels(shape, self.stride) >= DENSE_MIN_VOXELS else "views"
 
     def dense_kernel(self) -> torch.Tensor:
         """The cubic kernel ``(out, in / groups, k, k, k)`` equal to the mixed views: each view's weighted 2D kernel
