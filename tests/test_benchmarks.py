@@ -10,7 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import compare, configs, data, explanation, pretraining, report, runner, stats, throughput
+from benchmarks import (
+    compare,
+    configs,
+    data,
+    explanation,
+    pretraining,
+    report,
+    runner,
+    slice_attention_stability,
+    stats,
+    throughput,
+)
 
 RESULTS = Path(compare.__file__).with_name("RESULTS.md")
 
@@ -439,3 +450,28 @@ def test_multiclass_detection_scores(tmp_path: Path) -> None:
         "SubjectID,PredictedClass,0,1,2\na,0,0.8,0.1,0.1\nb,1,0.1,0.8,0.1\nc,1,0.1,0.5,0.4\n")
     scores = runner.detection_scores(tmp_path, tmp_path / "test.csv")
     assert scores["accuracy"] == pytest.approx(2 / 3) and scores["auc"] == pytest.approx(1.0)
+
+
+def _stability_rows(table: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| logits") or line.startswith("| softmax")]
+
+
+@pytest.mark.slow
+def test_slice_attention_stability_attributes_every_swing() -> None:
+    table = slice_attention_stability.main(["--seeds", "1", "--epochs", "2", "--final-layers", "logits",
+                                            "--swing", "0.05"])
+    (row,) = _stability_rows(table)
+    swings, by_statistics, by_weights = (int(value) for value in row[2:5])
+    assert swings > 0, table  # at a 0.05-logit threshold some step always moves a subject
+    assert swings == by_statistics + by_weights, table
+    assert 0.0 <= float(row[5]) <= 1.0, table
+
+
+def test_committed_stability_table_covers_both_final_layers() -> None:
+    table = (Path(__file__).parents[1] / "benchmarks" / "SLICE_ATTENTION_STABILITY.md").read_text()
+    assert table.startswith("Command: `python -m benchmarks.slice_attention_stability")
+    rows = _stability_rows(table)
+    assert {(row[0], row[1]) for row in rows} == {(f, str(s)) for f in ("logits", "softmax") for s in range(8)}
+    for row in rows:
+        assert int(row[2]) == int(row[3]) + int(row[4]), row

@@ -52,7 +52,8 @@ def train(architecture: str, final_layer: str, csv_path: Path, model_dir: Path, 
 # both final layers), but with 6 training subjects at batch 1 the validation accuracy flips between epochs (e.g.
 # 1.0 -> 0.33 under softmax, validation loss jumping by 0.5-0.8) on some runs and thread counts. Not run by CI until
 # that is fixed; `python -m pytest -m sweep tests/test_slice_attention_learning.py` or
-# `python -m benchmarks.slice_attention_learning` reproduce it.
+# `python -m benchmarks.slice_attention_learning` reproduce it, and `python -m benchmarks.slice_attention_stability`
+# shows the cause: most swings come from the batch-1 update of the running statistics, not from the weights.
 @pytest.mark.slow
 @pytest.mark.sweep
 @pytest.mark.parametrize("final_layer", ["softmax", "logits"])

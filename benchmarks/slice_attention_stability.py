@@ -1,0 +1,133 @@
+"""Why slice attention's validation flips at batch 1: the running statistics or the weights?
+
+Issue 12's setting (12 subjects of 32^3, class 1 has a ball in slices 12-20 of the last axis, first half for
+validation, batch 1, Adam 5e-4, 5 epochs) trained in process on the plugin model as the builder makes it. After
+every training step the logit gap (class 1 minus class 0) of all 12 subjects is taken in evaluation mode, as
+GaNDLF validates. A step that moves some subject's gap by more than ``--swing`` logits is a *swing*; it is then
+attributed by re-running the evaluation with the step's new batch-norm buffers (running statistics) and the old
+weights: if that alone moves the gap by more than half the swing, the running-statistics update caused it.
+
+Example (the committed SLICE_ATTENTION_STABILITY.md)::
+
+    python -m benchmarks.slice_attention_stability --seeds 8 --out benchmarks/SLICE_ATTENTION_STABILITY.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from gandlf_dimlift.models.slice_attention import ARCHITECTURE
+from gandlf_dimlift.synthetic import write_dataset
+
+SUBJECTS, SIZE, BAND = 12, 32, (12, 20)
+
+
+def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sweep test's subjects (`write_dataset`), z-scored per image as GaNDLF's `normalize` does."""
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = write_dataset(tmp, "classification", SUBJECTS, (SIZE,) * 3, seed=seed, signal_slices=BAND)
+        rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
+        images = [sitk.GetArrayFromImage(sitk.ReadImage(row[1])).T.astype(np.float32) for row in rows]
+    volumes = torch.stack([torch.from_numpy((im - im.mean()) / im.std())[None] for im in images])
+    return volumes, torch.tensor([int(row[2]) for row in rows])
+
+
+def build(final_layer: str) -> torch.nn.Module:
+    parameters = {
+        "model": {"architecture": ARCHITECTURE.key, "dimension": 3, "num_channels": 1, "class_list": [0, 1],
+                  "final_layer": final_layer, "norm_type": "batch", "pretrained": False,
+                  "encoder_name": "resnet18", "pooling": "attention"},
+        "problem_type": "classification", "patch_size": [SIZE] * 3,
+    }
+    return ARCHITECTURE(parameters)
+
+
+def evaluate(model: torch.nn.Module, volumes: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(volumes)
+    model.train()
+    return out
+
+
+def train_one(seed: int, final_layer: str, volumes: torch.Tensor, labels: torch.Tensor, epochs: int,
+              swing: float) -> dict[str, float]:
+    """Trains one model; counts the swings and what caused them."""
+    torch.manual_seed(seed)
+    model = build(final_layer).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
+    half = SUBJECTS // 2
+    train_x, train_y = volumes[half:], labels[half:]
+    buffers = {name for name, _ in model.named_buffers()}
+    out = evaluate(model, volumes)
+    gap = out[:, 1] - out[:, 0]
+    counts = {"swings": 0, "by_statistics": 0, "by_weights": 0}
+    val_losses = []
+    for _ in range(epochs):
+        for i in torch.randperm(half).tolist():
+            before = copy.deepcopy(model.state_dict())
+            loss = F.cross_entropy(model(train_x[i:i + 1]), train_y[i:i + 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out = evaluate(model, volumes)
+            new_gap = out[:, 1] - out[:, 0]
+            moved = (new_gap - gap).abs().max().item()
+            if moved > swing:
+                after = copy.deepcopy(model.state_dict())
+                model.load_state_dict({k: after[k] if k in buffers else before[k] for k in after})
+                stats_only = evaluate(model, volumes)
+                model.load_state_dict(after)
+                by_stats = ((stats_only[:, 1] - stats_only[:, 0]) - gap).abs().max().item() > moved / 2
+                counts["swings"] += 1
+                counts["by_statistics" if by_stats else "by_weights"] += 1
+            gap = new_gap
+        val_losses.append(F.cross_entropy(out[:half], labels[:half]).item())
+    return {
+        **counts,
+        "val_accuracy": (out[:half].argmax(1) == labels[:half]).float().mean().item(),
+        "largest_val_loss_rise": max((b - a for a, b in zip(val_losses, val_losses[1:], strict=False)), default=0.0),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--final-layers", nargs="+", default=["logits", "softmax"], choices=["logits", "softmax"])
+    parser.add_argument("--swing", type=float, default=1.0, help="logits a subject's gap must move in one step")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    volumes, labels = load_data()
+    lines = [
+        f"Command: `python -m benchmarks.slice_attention_stability {' '.join(argv or sys.argv[1:])}`", "",
+        "| final layer | seed | swings | by running statistics | by weights | final val accuracy "
+        "| largest val loss rise |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for final_layer in args.final_layers:
+        for seed in range(args.seeds):
+            r = train_one(seed, final_layer, volumes, labels, args.epochs, args.swing)
+            lines.append(f"| {final_layer} | {seed} | {r['swings']} | {r['by_statistics']} | {r['by_weights']} "
+                         f"| {r['val_accuracy']:.2f} | {r['largest_val_loss_rise']:+.2f} |")
+            print(lines[-1], flush=True)
+    table = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
