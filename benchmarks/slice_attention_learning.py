@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.compare import gandlf_run, read_log_csv, run_process
+from benchmarks.runner import gandlf_run, read_log_csv, run_process
 
 POOLINGS = ("attention", "gated", "mean", "max")
 ROWS = ("resnet18",) + tuple(f"dimlift_slice_attention/{p}" for p in POOLINGS)

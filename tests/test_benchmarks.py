@@ -18,6 +18,7 @@ from benchmarks import (
     pretraining,
     report,
     runner,
+    slice_attention_learning,
     slice_attention_stability,
     stats,
     throughput,
@@ -475,3 +476,13 @@ def test_committed_stability_table_covers_both_final_layers() -> None:
     assert {(row[0], row[1]) for row in rows} == {(f, str(s)) for f in ("logits", "softmax") for s in range(8)}
     for row in rows:
         assert int(row[2]) == int(row[3]) + int(row[4]), row
+
+
+def test_slice_attention_learning_rows_get_gandlf_configs() -> None:
+    setting = slice_attention_learning.Setting(final_layer="logits", batch_size=2)
+    plugin = slice_attention_learning.row_config("dimlift_slice_attention/gated", setting)
+    reference = slice_attention_learning.row_config("resnet18", setting)
+    assert plugin["model"]["architecture"] == "dimlift_slice_attention" and plugin["model"]["pooling"] == "gated"
+    assert "pooling" not in reference["model"] and reference["model"]["architecture"] == "resnet18"
+    for config in (plugin, reference):
+        assert (config["model"]["final_layer"], config["batch_size"], config["loss_function"]) == ("logits", 2, "cel")
