@@ -6,16 +6,19 @@ every training step the logit gap (class 1 minus class 0) of all 12 subjects is 
 GaNDLF validates. A step that moves some subject's gap by more than ``--swing`` logits is a *swing*; it is then
 attributed by re-running the evaluation with the step's new batch-norm buffers (running statistics) and the old
 weights: if that alone moves the gap by more than half the swing, the running-statistics update caused it.
+The `resnet18` row is GaNDLF's own 3D resnet18, built by GaNDLF from the same config, for comparison.
 
 Example (the committed SLICE_ATTENTION_STABILITY.md)::
 
-    python -m benchmarks.slice_attention_stability --seeds 8 --out benchmarks/SLICE_ATTENTION_STABILITY.md
+    python -m benchmarks.slice_attention_stability --seeds 8 --rows dimlift_slice_attention resnet18 \
+        --out benchmarks/SLICE_ATTENTION_STABILITY.md
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -42,7 +45,14 @@ def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return volumes, torch.tensor([int(row[2]) for row in rows])
 
 
-def build(final_layer: str) -> torch.nn.Module:
+def build(row: str, final_layer: str) -> torch.nn.Module:
+    """The plugin model as the builder makes it, or GaNDLF's resnet18 as `gandlf_run` builds it."""
+    if row == "resnet18":
+        from benchmarks.slice_attention_learning import Setting, gandlf_objects, write_data
+
+        with tempfile.TemporaryDirectory() as tmp:
+            csvs = write_data(Path(tmp) / "data", SUBJECTS, SIZE, BAND, seed=0)
+            return gandlf_objects(row, Setting(final_layer=final_layer), csvs, Path(tmp))[0]
     parameters = {
         "model": {"architecture": ARCHITECTURE.key, "dimension": 3, "num_channels": 1, "class_list": [0, 1],
                   "final_layer": final_layer, "norm_type": "batch", "pretrained": False,
@@ -60,11 +70,11 @@ def evaluate(model: torch.nn.Module, volumes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def train_one(seed: int, final_layer: str, volumes: torch.Tensor, labels: torch.Tensor, epochs: int,
+def train_one(row: str, seed: int, final_layer: str, volumes: torch.Tensor, labels: torch.Tensor, epochs: int,
               swing: float) -> dict[str, float]:
     """Trains one model; counts the swings and what caused them."""
     torch.manual_seed(seed)
-    model = build(final_layer).train()
+    model = build(row, final_layer).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
     half = SUBJECTS // 2
     train_x, train_y = volumes[half:], labels[half:]
@@ -103,6 +113,7 @@ def train_one(seed: int, final_layer: str, volumes: torch.Tensor, labels: torch.
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--rows", nargs="+", default=[ARCHITECTURE.key], choices=[ARCHITECTURE.key, "resnet18"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--final-layers", nargs="+", default=["logits", "softmax"], choices=["logits", "softmax"])
     parser.add_argument("--swing", type=float, default=1.0, help="logits a subject's gap must move in one step")
@@ -113,16 +124,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     volumes, labels = load_data()
     lines = [
         f"Command: `python -m benchmarks.slice_attention_stability {' '.join(argv or sys.argv[1:])}`", "",
-        "| final layer | seed | swings | by running statistics | by weights | final val accuracy "
+        "| row | final layer | seed | swings | by running statistics | by weights | final val accuracy "
         "| largest val loss rise |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for final_layer in args.final_layers:
-        for seed in range(args.seeds):
-            r = train_one(seed, final_layer, volumes, labels, args.epochs, args.swing)
-            lines.append(f"| {final_layer} | {seed} | {r['swings']} | {r['by_statistics']} | {r['by_weights']} "
-                         f"| {r['val_accuracy']:.2f} | {r['largest_val_loss_rise']:+.2f} |")
-            print(lines[-1], flush=True)
+    for row, final_layer, seed in itertools.product(args.rows, args.final_layers, range(args.seeds)):
+        r = train_one(row, seed, final_layer, volumes, labels, args.epochs, args.swing)
+        lines.append(f"| {row} | {final_layer} | {seed} | {r['swings']} | {r['by_statistics']} | {r['by_weights']} "
+                     f"| {r['val_accuracy']:.2f} | {r['largest_val_loss_rise']:+.2f} |")
+        print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(table)

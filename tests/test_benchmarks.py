@@ -454,28 +454,33 @@ def test_multiclass_detection_scores(tmp_path: Path) -> None:
 
 
 def _stability_rows(table: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
-            if line.startswith("| logits") or line.startswith("| softmax")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("| ")]
+    return [row for row in cells if row[1] in ("logits", "softmax")]
 
 
 @pytest.mark.slow
 def test_slice_attention_stability_attributes_every_swing() -> None:
     table = slice_attention_stability.main(["--seeds", "1", "--epochs", "2", "--final-layers", "logits",
-                                            "--swing", "0.05"])
-    (row,) = _stability_rows(table)
-    swings, by_statistics, by_weights = (int(value) for value in row[2:5])
-    assert swings > 0, table  # at a 0.05-logit threshold some step always moves a subject
-    assert swings == by_statistics + by_weights, table
-    assert 0.0 <= float(row[5]) <= 1.0, table
+                                            "--swing", "0.05", "--rows", "dimlift_slice_attention", "resnet18"])
+    rows = _stability_rows(table)
+    assert [row[0] for row in rows] == ["dimlift_slice_attention", "resnet18"], table
+    for row in rows:
+        swings, by_statistics, by_weights = (int(value) for value in row[3:6])
+        assert swings > 0, table  # at a 0.05-logit threshold some step always moves a subject
+        assert swings == by_statistics + by_weights, table
+        assert 0.0 <= float(row[6]) <= 1.0, table
 
 
 def test_committed_stability_table_covers_both_final_layers() -> None:
     table = (Path(__file__).parents[1] / "benchmarks" / "SLICE_ATTENTION_STABILITY.md").read_text()
     assert table.startswith("Command: `python -m benchmarks.slice_attention_stability")
     rows = _stability_rows(table)
-    assert {(row[0], row[1]) for row in rows} == {(f, str(s)) for f in ("logits", "softmax") for s in range(8)}
+    assert {tuple(row[:3]) for row in rows} == {
+        (r, f, str(s)) for r in ("dimlift_slice_attention", "resnet18") for f in ("logits", "softmax") for s in range(8)
+    }
     for row in rows:
-        assert int(row[2]) == int(row[3]) + int(row[4]), row
+        assert int(row[3]) == int(row[4]) + int(row[5]), row
 
 
 def test_slice_attention_learning_rows_get_gandlf_configs() -> None:
