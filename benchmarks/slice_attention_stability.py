@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import itertools
 import sys
 import tempfile
@@ -39,10 +40,11 @@ def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The sweep test's subjects (`write_dataset`), z-scored per image as GaNDLF's `normalize` does."""
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = write_dataset(tmp, "classification", SUBJECTS, (SIZE,) * 3, seed=seed, signal_slices=BAND)
-        rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
-        images = [sitk.GetArrayFromImage(sitk.ReadImage(row[1])).T.astype(np.float32) for row in rows]
+        with open(csv_path) as handle:
+            rows = list(csv.DictReader(handle))
+        images = [sitk.GetArrayFromImage(sitk.ReadImage(row["Channel_0"])).T.astype(np.float32) for row in rows]
     volumes = torch.stack([torch.from_numpy((im - im.mean()) / im.std())[None] for im in images])
-    return volumes, torch.tensor([int(row[2]) for row in rows])
+    return volumes, torch.tensor([int(row["ValueToPredict"]) for row in rows])
 
 
 def build(row: str, final_layer: str) -> torch.nn.Module:
