@@ -1,12 +1,13 @@
 """Why slice attention's validation flips at batch 1: the running statistics or the weights?
 
 Issue 12's setting (12 subjects of 32^3, class 1 has a ball in slices 12-20 of the last axis, first half for
-validation, batch 1, Adam 5e-4, 5 epochs) trained in process on the plugin model as the builder makes it. After
-every training step the logit gap (class 1 minus class 0) of all 12 subjects is taken in evaluation mode, as
-GaNDLF validates. A step that moves some subject's gap by more than ``--swing`` logits is a *swing*; it is then
-attributed by re-running the evaluation with the step's new batch-norm buffers (running statistics) and the old
-weights: if that alone moves the gap by more than half the swing, the running-statistics update caused it.
-The `resnet18` row is GaNDLF's own 3D resnet18, built by GaNDLF from the same config, for comparison.
+validation, batch 1, Adam 5e-4, 5 epochs) trained in process on the model GaNDLF's `get_model` builds from the row's
+config (`benchmarks.slice_attention_learning.row_config`). After every training step the logit gap (class 1 minus
+class 0) of all 12 subjects is taken in evaluation mode, as GaNDLF validates. A step that moves some subject's gap
+by more than ``--swing`` logits is a *swing*; it is then attributed by re-running the evaluation with the step's new
+batch-norm buffers (running statistics) and the old weights: if that alone moves the gap by more than half the
+swing, the running-statistics update caused it. The `resnet18` row is GaNDLF's own 3D resnet18 under the same
+config, for comparison.
 
 Example (the committed SLICE_ATTENTION_STABILITY.md)::
 
@@ -30,6 +31,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from benchmarks.slice_attention_learning import Setting, row_config
+from benchmarks.throughput import config_to_parameters
 from gandlf_dimlift.models.slice_attention import ARCHITECTURE
 from gandlf_dimlift.synthetic import write_dataset
 
@@ -48,20 +51,12 @@ def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(row: str, final_layer: str) -> torch.nn.Module:
-    """The plugin model as the builder makes it, or GaNDLF's resnet18 as `gandlf_run` builds it."""
-    if row == "resnet18":
-        from benchmarks.slice_attention_learning import Setting, gandlf_objects, write_data
+    """The row's model as `gandlf_run` builds it: GaNDLF's `get_model` on the validated config of the row."""
+    from GANDLF.models import get_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            csvs = write_data(Path(tmp) / "data", SUBJECTS, SIZE, BAND, seed=0)
-            return gandlf_objects(row, Setting(final_layer=final_layer), csvs, Path(tmp))[0]
-    parameters = {
-        "model": {"architecture": ARCHITECTURE.key, "dimension": 3, "num_channels": 1, "class_list": [0, 1],
-                  "final_layer": final_layer, "norm_type": "batch", "pretrained": False,
-                  "encoder_name": "resnet18", "pooling": "attention"},
-        "problem_type": "classification", "patch_size": [SIZE] * 3,
-    }
-    return ARCHITECTURE(parameters)
+    architecture = f"{row}/attention" if row == ARCHITECTURE.key else row
+    config = row_config(architecture, Setting(final_layer=final_layer))
+    return get_model(config_to_parameters(config, "classification"))
 
 
 def evaluate(model: torch.nn.Module, volumes: torch.Tensor) -> torch.Tensor:
