@@ -436,10 +436,14 @@ class ACSConv3d(ACSLayer):
             if not native:
                 xin = pad_or_crop(xin, view_pads, modes)
             weight = self.weight[o_lo:o_hi].unsqueeze(2 + view)
-            # a view that computes its own channels adds their bias in the convolution (no extra pass over the output)
-            bias = self.bias[o_lo:o_hi] if self.bias is not None and REGISTRY[self.mode].split_channels else None
+            bias = self.bias[o_lo:o_hi] if self.views_hold_bias else None
             outs.append(F.conv3d(xin, weight, bias, self.stride, conv_padding, dilation, groups))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    @property
+    def views_hold_bias(self) -> bool:
+        """Whether each view's convolution adds its own channels' bias (``acs``: no extra pass over the output)."""
+        return self.bias is not None and REGISTRY[self.mode].split_channels
 
     def path(self, shape: Sequence[int]) -> str:
         """How :meth:`forward` computes an input of ``shape``: ``"views"`` or ``"dense"``.
@@ -499,7 +503,7 @@ class ACSConv3d(ACSLayer):
         if self.path(x.shape) == "dense":
             return in_layout(self._dense(x), layout)
         views = [self._view(x, v) for v in self.active_views()]
-        return in_layout(self.mix_views(views, add_bias=not REGISTRY[self.mode].split_channels), layout)
+        return in_layout(self.mix_views(views, add_bias=not self.views_hold_bias), layout)
 
     def extra_repr(self) -> str:  # noqa: D102
         s = (
