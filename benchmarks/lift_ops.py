@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.lift_ops                    # one conv layer and a resnet18 encoder at 64^3
     python -m benchmarks.lift_ops --size 32 --repeats 2
     python -m benchmarks.lift_ops --paths            # each operator path per layer shape (ACSConv3d.path's choice)
+    python -m benchmarks.lift_ops --limits           # what bounds one acs convolution (views against matmul peak)
 
 For each mode (``acs``, ``soft``, ``mean``, ``inflate``, ``2.5d``) the 2D module is lifted with
 ``gandlf_dimlift.lift.lift``; the reference is the same lifted network with every convolution replaced
@@ -30,6 +31,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -185,6 +187,58 @@ def run_paths(repeats: int, batch: int) -> list[dict]:
     return rows
 
 
+#: (in, out, spatial size) of the ACS convolutions --limits reads: throughput.py's operator row, and a U-Net's last
+#: decoder stage (5-6 output channels per view at 64^3, where ACSConv3d.path takes the dense path).
+LIMIT_SHAPES = ((32, 48, 48), (32, 16, 64))
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_limits(repeats: int, batch: int, shapes: Sequence[tuple[int, int, int]] = LIMIT_SHAPES) -> list[dict]:
+    """What bounds one ``acs`` convolution on this CPU: each view's thin convolution (forward) against the measured
+    float32 matmul peak, and the whole operator (forward + backward) beside acsconv's ``ACSConv``, each given the
+    input in the standard layout and in ``channels_last_3d`` (timed alternately)."""
+    import torch.nn.functional as F
+
+    from benchmarks.throughput import matmul_peak
+
+    peak = matmul_peak("cpu")
+    print(f"measured float32 matmul peak: {peak / 1e12:.3f} TFLOP/s", flush=True)
+    rows = []
+    for cin, cout, size in shapes:
+        conv2d = nn.Conv2d(cin, cout, 3, padding=1)
+        ours = lift(conv2d, "acs", check=False)
+        twin = _acsconv_twin(conv2d, ours, "acs")
+        standard = torch.randn(batch, cin, size, size, size)
+        last = standard.contiguous(memory_format=torch.channels_last_3d)
+        shape = f"{cin}->{cout}, {size}^3"
+        for view in range(3):
+            lo, hi = ours.view_channels(view)
+            weight = ours.weight[lo:hi].detach().unsqueeze(2 + view)
+            padding = tuple(0 if axis == view else 1 for axis in range(3))
+            flops = 2 * batch * size**3 * (hi - lo) * cin * 9
+            for layout, x in (("standard", standard), ("channels_last_3d", last)):
+                with torch.no_grad():
+                    seconds = _median_seconds(lambda x=x, w=weight, p=padding: F.conv3d(x, w, None, 1, p), repeats)
+                rows.append({"shape": shape, "what": f"view {view} forward ({hi - lo} channels)", "input": layout,
+                             "seconds": seconds, "share": flops / seconds / peak})
+        for layout, x in (("standard", standard), ("channels_last_3d", last)):
+            t_ours, t_twin = _time_pair(ours, twin, x, repeats)
+            rows.append({"shape": shape, "what": "acs operator forward + backward", "input": layout,
+                         "seconds": t_ours, "acsconv": t_twin})
+        print(f"{shape}: acs operator {t_ours:.4f} s, acsconv {t_twin:.4f} s (channels_last_3d input)", flush=True)
+    return rows
+
+
 def main() -> None:
     """Command line entry: print the table of ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -193,10 +247,22 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=32, help="channels of the single conv layer")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--paths", action="store_true", help="time each operator path per layer shape instead")
-    parser.add_argument("--batch", type=int, default=2, help="batch size of --paths")
+    parser.add_argument("--limits", action="store_true", help="what bounds one acs convolution instead")
+    parser.add_argument("--batch", type=int, default=2, help="batch size of --paths and --limits")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.limits:
+        rows = run_limits(args.repeats, args.batch)
+        print(f"\nbatch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads; share: forward "
+              "FLOP/s of the view's thin convolution / measured matmul peak")
+        print("| layer | what | input layout | gandlf_dimlift s | share of matmul peak | acsconv ACSConv s |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            share = f"{100 * r['share']:.0f} %" if "share" in r else ""
+            twin = f"{r['acsconv']:.4f}" if "acsconv" in r else ""
+            print(f"| {r['shape']} | {r['what']} | {r['input']} | {r['seconds']:.4f} | {share} | {twin} |")
+        return
     if args.paths:
         rows = run_paths(args.repeats, args.batch)
         print(f"\nforward+backward seconds per path, batch {args.batch}, channels_last_3d input, torch "

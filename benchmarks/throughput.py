@@ -297,7 +297,9 @@ def build_operator(row: Row, size: int, batch: int, device: str) -> tuple[Any, A
     return ours.to(device), torch.randn(batch, 32, size, size, size, device=device)
 
 
-def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, threads: int | None) -> dict[str, Any]:
+def measure(
+    row: Row, size: int | str, batch: int, device: str, repeats: int, threads: int | None, profile: int = 0
+) -> dict[str, Any]:
     """Builds the row's model (through GaNDLF) or operator and measures it. Runs inside a fresh process."""
     import torch
 
@@ -313,11 +315,12 @@ def measure(row: Row, size: int | str, batch: int, device: str, repeats: int, th
         model, x = build_model(row, size, batch, device)
     choice = operator_choice("views", channels_last=False) if row.operators == "reference" else operator_choice()
     with choice:
-        return _measure(row, size, batch, device, repeats, model, x, result)
+        return _measure(row, size, batch, device, repeats, model, x, result, profile)
 
 
 def _measure(
-    row: Row, size: int | str, batch: int, device: str, repeats: int, model: Any, x: Any, result: dict[str, Any]
+    row: Row, size: int | str, batch: int, device: str, repeats: int, model: Any, x: Any, result: dict[str, Any],
+    profile: int = 0,
 ) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -399,7 +402,38 @@ def _measure(
     optimizer.zero_grad(set_to_none=True)
     del out
     result["isolated"] = fresh
+    if profile:
+        result["profile"] = profile_train_step(train_step, sync, profile, device)
     return result
+
+
+def profile_train_step(train_step: Any, sync: Any, top: int, device: str) -> list[dict[str, Any]]:
+    """The ``top`` operators of one training step by their own (self) time under torch's profiler (on CUDA their
+    kernels' time), with their share of the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        train_step()
+        sync()
+    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [(e, getattr(e, attribute)) for e in profiler.key_averages() if getattr(e, attribute) > 0]
+    total = sum(t for _, t in events)
+    events.sort(key=lambda pair: pair[1], reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_s": t / 1e6, "share": t / total} for e, t in events[:top]]
+
+
+def profile_text(results: list[dict[str, Any]]) -> str:
+    """Markdown: each profiled row's operators by self time in one training step."""
+    blocks = []
+    for r in results:
+        if r.get("profile"):
+            lines = [f"Profile of one train step, {r['name']} at {size_label(r['size'])} (self time per operator):",
+                     "", "| operator | calls | self s | share of step |", "|---|---|---|---|"]
+            lines += [f"| `{e['op']}` | {e['calls']} | {e['self_s']:.3f} | {100 * e['share']:.1f} % |"
+                      for e in r["profile"]]
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def matmul_peak(device: str, threads: int | None = None, n: int | None = None, seconds: float = 2.0) -> float:
@@ -500,7 +534,7 @@ def run_rows(rows: Sequence[Row], sizes: Sequence[int | str], args: argparse.Nam
     """Every (size, row): one fresh process each, or all in one watched process with `--in-process`."""
     def spec(row: Row, size: int | str) -> dict[str, Any]:
         return {"row": asdict(row), "size": size, "batch": args.batch, "device": args.device, "repeats": args.repeats,
-                "threads": args.threads}
+                "threads": args.threads, "profile": args.profile}
 
     specs = [spec(row, size) for size in sizes for row in rows if row.size is None]
     specs += [spec(row, row.size) for row in rows if row.size is not None]  # operator rows: their own size, once
@@ -649,6 +683,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--isolate", action="store_true", help="with --quick: still one fresh process per row")
     parser.add_argument("--quick", action="store_true", help="size 32, one timed step, rows measured in-process")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one train step per row and show its N costliest operators")
     parser.add_argument("--render", default=None, metavar="JSON", help="print the table of an earlier --json file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -679,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     peak = matmul_peak(args.device, args.threads)
     results = run_rows(rows, args.sizes, args)
     text = header(args, peak, argv) + "\n" + table(results, peak, args.reference, rows) + "\n"
+    if args.profile:
+        text += "\n" + profile_text(results) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)

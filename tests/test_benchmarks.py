@@ -15,6 +15,7 @@ from benchmarks import (
     configs,
     data,
     explanation,
+    lift_ops,
     pretraining,
     report,
     runner,
@@ -383,7 +384,7 @@ def test_explanation_score_and_best_and_worst(tmp_path: Path) -> None:
 def test_throughput_quick_rows_in_process(tmp_path: Path) -> None:
     """A GaNDLF baseline, a plugin row, and an unknown key (an error row, not a crash)."""
     unknown = throughput.Row("unknown", "dimlift_not_a_model", "classification")
-    args = throughput.parse_args(["--quick", "--batch", "2"])
+    args = throughput.parse_args(["--quick", "--batch", "2", "--profile", "3"])
     results = [throughput.run_row(throughput.ROWS[[r.name for r in throughput.ROWS].index(name)], 32, args)
                for name in ("resnet18", "dimlift_slice_attention/mean")]
     results.append(throughput.run_row(unknown, 32, args))
@@ -393,8 +394,27 @@ def test_throughput_quick_rows_in_process(tmp_path: Path) -> None:
         assert result["train_flops"] > result["infer_flops"] > 0
         assert result["output_shape"] == [2, 2]
     assert "dimlift_not_a_model" in results[2]["error"]
+    for result in results[:2]:  # the step's three costliest operators, costliest first
+        shares = [e["share"] for e in result["profile"]]
+        assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert throughput.profile_text(results).count("Profile of one train step") == 2
     text = throughput.table(results, 1e11, "resnet18", list(throughput.ROWS) + [unknown])
     assert text.count("\n") == 4 and "error:" in text and "| 1.00 |" in text
+
+
+def test_acs_limits_rows() -> None:
+    """lift_ops --limits on one tiny shape: every view in both layouts against the peak, the operator beside
+    acsconv's in both layouts."""
+    rows = lift_ops.run_limits(repeats=1, batch=1, shapes=((4, 7, 6),))
+    views = [r for r in rows if r["what"].startswith("view")]
+    assert sorted((r["what"][:6], r["input"]) for r in views) == sorted(
+        (f"view {v}", layout) for v in range(3) for layout in ("standard", "channels_last_3d"))
+    per_view = [int(r["what"].split("(")[1].split()[0]) for r in views if r["input"] == "standard"]
+    assert sum(per_view) == 7  # the output channels split over the views
+    assert all(r["seconds"] > 0 and r["share"] > 0 for r in views)
+    operator = [r for r in rows if r not in views]
+    assert [r["input"] for r in operator] == ["standard", "channels_last_3d"]
+    assert all(r["seconds"] > 0 and r["acsconv"] > 0 for r in operator)
 
 
 @pytest.mark.slow
