@@ -161,7 +161,7 @@ def test_soft_mixing_weights_get_gradients_in_the_dense_path() -> None:
 
 
 @pytest.mark.parametrize("mode", ["acs", "soft", "inflate", "2.5d"])
-def test_lifted_model_equals_the_reference_and_returns_the_standard_layout(mode: str) -> None:
+def test_lifted_model_equals_the_reference_and_returns_the_input_layout(mode: str) -> None:
     # float64: a network's parameter gradients are sums over the volume with cancellation (a soft mixing weight of
     # a 1x1 conv has a zero gradient); in float32 their rounding alone exceeds any tolerance relative to them
     torch.manual_seed(0)
@@ -174,7 +174,10 @@ def test_lifted_model_equals_the_reference_and_returns_the_standard_layout(mode:
     ours, ref = _run(lifted, x), _run(lifted, x, **REFERENCE)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, b.abs().max().item()))
-    assert ours[0].is_contiguous()
+    assert ours[0].is_contiguous()  # a standard input (as GaNDLF gives) leaves in the standard layout
+    last = lifted(x.contiguous(memory_format=CL))
+    assert last.is_contiguous(memory_format=CL) and not last.is_contiguous()
+    torch.testing.assert_close(last, ours[0], rtol=1e-10, atol=1e-10 * max(1.0, ours[0].abs().max().item()))
 
 
 def test_every_combination_of_choices_runs() -> None:

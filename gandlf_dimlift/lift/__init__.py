@@ -61,14 +61,23 @@ from .spec import AXES, AXIS_PADDINGS, LiftSpec, check_mode_axis
 __all__ = ["AXES", "AXIS_PADDINGS", "MODES", "REGISTRY", "LiftError", "LiftMode", "adapt_input_channels", "lift"]
 
 
-def standard_layout(module: nn.Module, args: tuple, output: Any) -> Any:
-    """Forward hook of a lifted root: tensors leave in the standard (contiguous) layout, whatever layout the lifted
-    layers computed in (see :class:`~.ops.LiftedConv3d`)."""
-    if isinstance(output, torch.Tensor):
-        return output.contiguous()
+def input_layout(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of a lifted root: tensors leave in the layout the input came in (as torch's own convolutions
+    do), whatever layout the lifted layers computed in (see :class:`~.ops.LiftedConv3d`): the standard layout for
+    a standard input, as GaNDLF gives; ``channels_last_3d`` for such an input, which then costs no conversion."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    keep_last = x is not None and x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last_3d)
+    layout = torch.channels_last_3d if keep_last else torch.contiguous_format
+
+    def leave(o: Any) -> Any:
+        if not isinstance(o, torch.Tensor):
+            return o
+        return o.contiguous(memory_format=layout if o.dim() == 5 else torch.contiguous_format)
+
     if type(output) in (list, tuple):
-        return type(output)(o.contiguous() if isinstance(o, torch.Tensor) else o for o in output)
-    return output
+        return type(output)(leave(o) for o in output)
+    return leave(output)
 
 
 class InputGuard:
@@ -140,7 +149,7 @@ def lift(
     root = module if inplace else copy.deepcopy(module)
     root = convert(root, spec)
     root.register_forward_pre_hook(InputGuard(f"{type(root).__name__} (lifted with mode={mode!r})"))
-    root.register_forward_hook(standard_layout)
+    root.register_forward_hook(input_layout)
     if check:
         probe(root, spec, probe_size)
     return root
