@@ -207,8 +207,6 @@ def run_limits(repeats: int, batch: int, shapes: Sequence[tuple[int, int, int]] 
     """What bounds one ``acs`` convolution on this CPU: each view's thin convolution (forward) against the measured
     float32 matmul peak, and the whole operator (forward + backward) beside acsconv's ``ACSConv``, each given the
     input in the standard layout and in ``channels_last_3d`` (timed alternately)."""
-    import torch.nn.functional as F
-
     from benchmarks.throughput import matmul_peak
 
     peak = matmul_peak("cpu")
@@ -223,12 +221,10 @@ def run_limits(repeats: int, batch: int, shapes: Sequence[tuple[int, int, int]] 
         shape = f"{cin}->{cout}, {size}^3"
         for view in range(3):
             lo, hi = ours.view_channels(view)
-            weight = ours.weight[lo:hi].detach().unsqueeze(2 + view)
-            padding = tuple(0 if axis == view else 1 for axis in range(3))
             flops = 2 * batch * size**3 * (hi - lo) * cin * 9
             for layout, x in (("standard", standard), ("channels_last_3d", last)):
-                with torch.no_grad():
-                    seconds = _median_seconds(lambda x=x, w=weight, p=padding: F.conv3d(x, w, None, 1, p), repeats)
+                with torch.no_grad():  # the operator's own thin convolution of that view
+                    seconds = _median_seconds(lambda x=x, v=view, op=ours: op._view(x, v), repeats)
                 rows.append({"shape": shape, "what": f"view {view} forward ({hi - lo} channels)", "input": layout,
                              "seconds": seconds, "share": flops / seconds / peak})
         for layout, x in (("standard", standard), ("channels_last_3d", last)):
