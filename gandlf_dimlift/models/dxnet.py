@@ -37,8 +37,14 @@ VARIANTS = tuple(f"b{i}" for i in range(8))
 ENCODER_FAMILIES = ("efficientnet", "timm-efficientnet")
 CONVERTERS = ("inflate", "inflate_center")
 SLICE_PADDINGS = ("zeros", "replicate")
-DEPTH = 5  # encoder stages, each halving the resolution: skips at /2 /4 /8 /16 /32
+DEPTH = 5  # the paper's encoder stages, each halving the resolution: skips at /2 /4 /8 /16 /32
 PAPER_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def decoder_channels(options: dict[str, Any]) -> tuple[int, ...]:
+    """The decoder's widths: as given, or the paper's widths of the stages the encoder depth keeps (the finest)."""
+    given = options.get("decoder_channels")
+    return tuple(given) if given is not None else PAPER_DECODER_CHANNELS[DEPTH - options["encoder_depth"]:]
 
 
 def encoder_name(family: str, variant: str) -> str:
@@ -52,7 +58,7 @@ class DXNet(nn.Module):
     The 2D instance is Omnia-Net; `gandlf_dimlift.lift.lift` of it is DX-Net, with the same state-dict keys.
 
     Args:
-        encoder: An smp EfficientNet encoder of depth 5.
+        encoder: An smp EfficientNet encoder (depth 5 in the paper).
         spec: GaNDLF's model contract; `spec.dimension` must be the encoder's dimension (2 before lifting).
         decoder_channels: Decoder channels per stage, coarsest first.
         dropout: Dropout before the linear head (classification, regression).
@@ -74,14 +80,15 @@ class DXNet(nn.Module):
         self.dimension = spec.dimension
         self.problem_type = spec.problem_type
         self.encoder = encoder
-        channels = list(encoder.out_channels)  # input, /2, /4, /8, /16, /32
+        channels = list(encoder.out_channels)  # input, /2, /4, ... one per encoder stage
+        depth = len(channels) - 1
         if spec.problem_type == "segmentation":
             self.full_resolution = ConvBlock(spec.in_channels, decoder_channels[-1], spec.dimension, spec.norm)
             self.decoder = UNetDecoder(
                 skip_channels=[decoder_channels[-1], *channels[1:-1]],
                 bottleneck_channels=channels[-1],
                 decoder_channels=decoder_channels,
-                strides=[(2,) * spec.dimension] * DEPTH,
+                strides=[(2,) * spec.dimension] * depth,
                 dimension=spec.dimension,
                 norm=spec.norm,
             )
@@ -123,9 +130,10 @@ def efficientnet_reference_init(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def _slice_strides(slice_stride_from_stage: int) -> tuple[int, ...]:
-    """Stride along the slice axis of encoder stages 1..5: 1 before `slice_stride_from_stage`, 2 from it on."""
-    return tuple(1 if stage < slice_stride_from_stage else 2 for stage in range(1, DEPTH + 1))
+def _slice_strides(options: dict[str, Any]) -> tuple[int, ...]:
+    """Stride along the slice axis of encoder stages 1..depth: 1 before `slice_stride_from_stage`, 2 from it on."""
+    from_stage = options.get("slice_stride_from_stage", 1)
+    return tuple(1 if stage < from_stage else 2 for stage in range(1, options["encoder_depth"] + 1))
 
 
 def _check_weight_tag(name: str, tag: str) -> None:
@@ -151,21 +159,29 @@ def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None, archi
     name = encoder_name(options["encoder_family"], options["variant"])
     if weight_tag is not None:
         _check_weight_tag(name, weight_tag)
-    encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=DEPTH, weights=weight_tag)
-    return DXNet(encoder, spec, decoder_channels=tuple(options["decoder_channels"]), dropout=options["dropout"],
+    encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=options["encoder_depth"],
+                                  weights=weight_tag)
+    return DXNet(encoder, spec, decoder_channels=decoder_channels(options), dropout=options["dropout"],
                  pooling=options["pooling"], architecture=architecture)
 
 
 def check(spec: ModelSpec, options: dict[str, Any], architecture: str) -> None:
-    """Segmentation patches must halve exactly at every encoder stage (the decoder concatenates the skips)."""
+    """Segmentation: one decoder width per encoder stage, and patches that halve exactly at every stage (the
+    decoder concatenates the skips)."""
     if spec.problem_type != "segmentation":
         return
+    depth, widths = options["encoder_depth"], decoder_channels(options)
+    if len(widths) != depth:
+        raise ConfigError(
+            f"model.decoder_channels = {list(widths)} has {len(widths)} widths; the decoder needs one per encoder "
+            f"stage ({depth}, model.encoder_depth), e.g. {list(PAPER_DECODER_CHANNELS[DEPTH - depth:])}."
+        )
     from_stage = options.get("slice_stride_from_stage", 1)
-    slice_divisor = 2 ** sum(s == 2 for s in _slice_strides(from_stage))
-    divisors = (2**DEPTH,) * (spec.dimension - 1) + ((slice_divisor,) if spec.dimension == 3 else (2**DEPTH,))
-    why = "the encoder halves every axis 5 times"
+    slice_divisor = 2 ** sum(s == 2 for s in _slice_strides(options))
+    divisors = (2**depth,) * (spec.dimension - 1) + ((slice_divisor,) if spec.dimension == 3 else (2**depth,))
+    why = f"the encoder halves every axis {depth} times"
     if from_stage > 1:
-        why = f"the encoder halves the in-plane axes 5 times and the slice axis from stage {from_stage} on"
+        why = f"the encoder halves the in-plane axes {depth} times and the slice axis from stage {from_stage} on"
     check_divisible(spec.patch_size, divisors, architecture, why)
 
 
@@ -175,7 +191,8 @@ def parts(model: DXNet) -> weights.Parts:
         encoder="encoder",
         body=("full_resolution", "decoder") if segmentation else (),
         head=("segmentation_head",) if segmentation else ("head",),
-        hint="the same model.variant, model.encoder_family, model.decoder_channels and num_channels",
+        hint="the same model.variant, model.encoder_family, model.encoder_depth, model.decoder_channels and "
+        "num_channels",
     )
 
 
@@ -186,7 +203,7 @@ def parts(model: DXNet) -> weights.Parts:
 def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
     """Lifts the 2D twin to 3D (in place: the builder owns it and has set its `dimension` to 3) with the chosen
     converter, slice strides and slice padding."""
-    keep = _kept_slice_resolution(model_2d, _slice_strides(options["slice_stride_from_stage"]))
+    keep = _kept_slice_resolution(model_2d, _slice_strides(options))
     if options["converter_type"] == "inflate_center" and hasattr(model_2d, "decoder"):
         # A transposed conv of stride 2 has no centre form (every other output plane would get no input): its
         # kernel equals its stride, so inflating it (one tap per output plane) is the only transfer that keeps the
@@ -198,9 +215,9 @@ def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
                 axis_padding=options["slice_padding"], inplace=True)
 
 
-def _encoder_stages(encoder: nn.Module) -> list[nn.Module]:
-    """smp's stages 1-5 of an EfficientNet encoder (stage 0 is the identity)."""
-    return list(encoder.get_stages()[1 : DEPTH + 1])
+def _encoder_stages(encoder: nn.Module, depth: int) -> list[nn.Module]:
+    """smp's stages 1..depth of an EfficientNet encoder (stage 0 is the identity)."""
+    return list(encoder.get_stages()[1 : depth + 1])
 
 
 def _kept_slice_resolution(model: DXNet, slice_strides: tuple[int, ...]) -> list[str]:
@@ -208,7 +225,7 @@ def _kept_slice_resolution(model: DXNet, slice_strides: tuple[int, ...]) -> list
     upsampling convs (for `lift`'s `keep_axis_resolution`)."""
     names = {id(module): name for name, module in model.encoder.named_modules()}
     keep = []
-    for stage, slice_stride in zip(_encoder_stages(model.encoder), slice_strides, strict=True):
+    for stage, slice_stride in zip(_encoder_stages(model.encoder, len(slice_strides)), slice_strides, strict=True):
         if slice_stride == 1:
             keep += [f"encoder.{names[id(block)]}" for block in stage.children()]
     if hasattr(model, "decoder"):
@@ -222,10 +239,14 @@ def _kept_slice_resolution(model: DXNet, slice_strides: tuple[int, ...]) -> list
 # Architecture declarations.
 
 
-def _check_decoder_channels(value: tuple) -> str | None:
-    if len(value) != DEPTH or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value):
+def _check_decoder_channels(value: tuple | None) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= DEPTH or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                                for c in value):
         paper = list(PAPER_DECODER_CHANNELS)
-        return f"give {DEPTH} positive integers, one per decoder stage, coarsest first (the paper: {paper})."
+        return (f"give positive integers, one per encoder stage (model.encoder_depth), coarsest first (the paper: "
+                f"{paper}).")
     return None
 
 
@@ -243,10 +264,18 @@ COMMON_OPTIONS = (
         choices=ENCODER_FAMILIES,
     ),
     Option(
+        "encoder_depth",
+        DEPTH,
+        "Encoder stages, each halving the patch: 5 is the paper's whole EfficientNet; fewer keep larger deepest "
+        "features for small patches (GaNDLF's own test flows shrink imagenet_unet so for 32^3).",
+        choices=tuple(range(1, DEPTH + 1)),
+    ),
+    Option(
         "decoder_channels",
-        PAPER_DECODER_CHANNELS,
-        "Channels of the five U-Net decoder stages, coarsest first (segmentation).",
-        types=(tuple,),
+        None,
+        "Channels of the U-Net decoder stages, one per encoder stage, coarsest first (segmentation); by default the "
+        f"paper's {list(PAPER_DECODER_CHANNELS)}, its finest encoder_depth entries.",
+        types=(tuple, type(None)),
         check=_check_decoder_channels,
         problem_types=("segmentation",),
     ),
