@@ -194,17 +194,23 @@ FLOWS: dict[str, Flow] = {
     "reg3d": Flow("regression", 3),
 }
 
-#: The adjustments GaNDLF's flows make for the closest built-in (imagenet_unet for dimlift_smp), in the plugin's
-#: option names; every plugin architecture gets `pretrained: false` (GaNDLF's `encoder_weights: None`: no hub).
+#: The adjustments GaNDLF's flows make for the closest built-in, in the plugin's option names: imagenet_unet (an smp
+#: encoder, EfficientNet-b0 among them, and a U-Net decoder) for dimlift_smp and for DX-Net / Omnia-Net, whose
+#: encoder family it does not change. Every plugin architecture gets `pretrained: false` (GaNDLF's
+#: `encoder_weights: None`: no hub).
+_IMAGENET_UNET_DEPTHS = {
+    "seg2d": {"encoder_depth": 3, "decoder_channels": [64, 32, 16]},
+    "seg3d": {"encoder_depth": 3, "decoder_channels": [64, 32, 16]},
+    "cls2d": {"encoder_depth": 2},
+    "cls3d": {"encoder_depth": 1},
+    "reg2d": {"encoder_depth": 2},
+    "reg3d": {"encoder_depth": 2},
+}
 ADJUSTMENTS: dict[str, dict[str, dict[str, Any]]] = {
-    "dimlift_smp": {
-        "seg2d": {"encoder_depth": 3, "decoder_channels": [64, 32, 16]},
-        "seg3d": {"encoder_name": "resnet34", "encoder_depth": 3, "decoder_channels": [64, 32, 16]},
-        "cls2d": {"encoder_depth": 2},
-        "cls3d": {"encoder_name": "efficientnet-b0", "encoder_depth": 1},
-        "reg2d": {"encoder_depth": 2},
-        "reg3d": {"encoder_depth": 2},
-    },
+    "dimlift_smp": {**_IMAGENET_UNET_DEPTHS, "seg3d": {**_IMAGENET_UNET_DEPTHS["seg3d"], "encoder_name": "resnet34"},
+                    "cls3d": {**_IMAGENET_UNET_DEPTHS["cls3d"], "encoder_name": "efficientnet-b0"}},
+    "dimlift_dxnet": _IMAGENET_UNET_DEPTHS,
+    "dimlift_omnianet": _IMAGENET_UNET_DEPTHS,
 }
 
 

@@ -95,7 +95,7 @@ def test_markdown_is_rendered_from_the_json():
 SLICE = [
     ("dimlift_smp", "seg3d-softmax"), ("dimlift_omnianet", "seg2d-sigmoid"), ("dimlift_dxnet", "seg3d-batch2-odd"),
     ("dimlift_dxnet", "seg3d-identity"), ("dimlift_slice_attention", "cls3d-logits-infer"),
-    ("dimlift_smp", "cls3d-optimize"),
+    ("dimlift_smp", "cls3d-optimize"), ("dimlift_dxnet", "reg3d"),
 ]
 
 

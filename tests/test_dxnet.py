@@ -406,6 +406,38 @@ def test_one_value_per_channel_at_the_bottleneck_is_refused_with_batch_size_one(
         DXNET(parameters={**parameters(patch_size=(32, 32, 8), slice_stride_from_stage=3), "batch_size": 1})
 
 
+def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_size_one():
+    """Past EfficientNet's stem every stage ends in batch norms with nothing after them: averaged over space, a
+    batch of one sample gives the head those norms' biases whatever the input."""
+    deep = parameters(problem_type="classification", encoder_depth=3)
+    model = DXNET(parameters={**deep, "batch_size": 2}).train()
+    pooled = []
+    model.head.linear.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
+    torch.manual_seed(0)
+    model(torch.randn(1, 1, 32, 32, 32))
+    torch.manual_seed(0)
+    model(3 * torch.randn(1, 1, 32, 32, 32) + 1)
+    assert torch.allclose(pooled[0], pooled[1], atol=1e-5), "the head's input depends on a batch-of-one input"
+    with pytest.raises(ConfigError, match=r"cannot learn classification with batch_size: 1.*batch_size >= 2"):
+        DXNET(parameters={**deep, "batch_size": 1})
+    with pytest.raises(ConfigError, match="cannot learn regression"):
+        OMNIANET(parameters={**parameters("dimlift_omnianet", problem_type="regression", patch_size=(32, 32),
+                                          encoder_depth=2, n_classes=1), "batch_size": 1})
+    # the stem ends in a swish: one stage reaches the head with the input's own features
+    stem = DXNET(parameters={**parameters(problem_type="classification", encoder_depth=1), "batch_size": 1}).train()
+    assert stem(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
+
+
+def test_encoder_depth_shrinks_the_u_net_with_the_papers_finest_decoder_widths():
+    model = DXNET(parameters=parameters(encoder_depth=3)).train()
+    assert len(model.decoder.stages) == 3 and model.segmentation_head.in_channels == 16
+    assert model(torch.randn(2, 1, 32, 32, 32)).shape == (2, 2, 32, 32, 32)
+    with pytest.raises(ConfigError, match=r"has 2 widths; the decoder needs one per encoder stage \(3.*\[64, 32, 16\]"):
+        DXNET(parameters=parameters(encoder_depth=3, decoder_channels=[64, 32]))
+    with pytest.raises(ConfigError, match=r"axis z .* is 36, which is not divisible by 8"):
+        DXNET(parameters=parameters(encoder_depth=3, patch_size=(32, 32, 36)))
+
+
 def test_a_last_batch_of_one_sample_normalises_with_the_running_statistics():
     """GaNDLF does not drop an epoch's last batch: with batch_size 2, a batch of one sample must still train."""
     model = OMNIANET(parameters={**parameters("dimlift_omnianet", patch_size=(32, 32)), "batch_size": 2}).train()

@@ -95,3 +95,16 @@ def test_bad_configs_stop_before_training_with_the_fix_on_the_console(tmp_path, 
     assert message in " ".join(result.stdout.split()), result.stdout[-3000:]
     assert "Epoch 0" not in result.stdout
     assert not list((tmp_path / "model").glob("*.pth.tar"))
+
+
+@pytest.mark.slow
+def test_a_classifier_whose_head_would_get_a_constant_stops_before_training(tmp_path):
+    """DX-Net's EfficientNet blocks end in batch norms with no nonlinearity after them: at batch_size 1 the pooled
+    features in training are the norms' biases, so the run is refused (GaNDLF's own flows train at batch 1)."""
+    csv = write_dataset(tmp_path / "data", "classification", n_subjects=2)
+    config = make_config("dimlift_dxnet", "classification", model_options={"pretrained": False, "encoder_depth": 3})
+    result = run_gandlf(config, csv, tmp_path / "model", check=False)
+    assert result.returncode != 0 and "Epoch 0" not in result.stdout
+    assert "dimlift_dxnet cannot learn classification with batch_size: 1" in " ".join(result.stdout.split()), (
+        result.stdout[-3000:])
+    assert not list((tmp_path / "model").glob("*.pth.tar"))

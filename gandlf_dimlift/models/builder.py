@@ -10,8 +10,8 @@ runs `build`:
 3. remove the modules whose parameters never get a gradient (smp keeps every encoder stage whatever the depth;
    DistributedDataParallel and the optimiser should not see them);
 4. load a 2D weights file, lift to 3D, load a 3D weights file (`weights.transfer`, one loader for every format);
-5. refuse a batch size that leaves a batch norm one value per channel, and let an epoch's last batch of one
-   sample through (GaNDLF does not drop it);
+5. refuse a batch size that leaves a batch norm one value per channel, or a classifier's head a constant input,
+   and let an epoch's last batch of one sample through (GaNDLF does not drop it);
 6. say what the model was initialised from, on GaNDLF's console and in its log.
 """
 
@@ -28,7 +28,11 @@ from torch import nn
 
 from gandlf_dimlift import messages, weights
 from gandlf_dimlift.models.common import ModelSpec
-from gandlf_dimlift.models.norms import check_single_sample_batches, tolerate_single_sample_batches
+from gandlf_dimlift.models.norms import (
+    check_input_reaches_the_head,
+    check_single_sample_batches,
+    tolerate_single_sample_batches,
+)
 from gandlf_dimlift.options import GANDLF_MODEL_KEYS, PROBLEM_TYPES, ConfigError, Example, Option
 
 logger = logging.getLogger(__name__)
@@ -158,6 +162,7 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
                        "the batch norms its weights were trained with); it is ignored.", key, spec.problem_type)
     tolerate_single_sample_batches(model)
     check_single_sample_batches(model, spec, parameters.get("batch_size"), key, architecture.smaller_bottleneck)
+    check_input_reaches_the_head(model, spec, parameters.get("batch_size"), key)
     logger.info("%s: %s", key, describe_initialisation(spec, options, source, transferred, lifts))
     return model
 

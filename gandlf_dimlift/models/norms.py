@@ -10,10 +10,15 @@ torch then fails in the middle of an epoch. Two rules make that predictable:
   smallest patch that works. An instance norm that sees one voxel is refused whatever the batch size.
 - `tolerate_single_sample_batches`: with a larger batch size, an occasional batch of one sample normalises such a
   layer with its running statistics (as in evaluation) and leaves them unchanged.
+- `check_input_reaches_the_head` (at build time): a classifier or regressor whose features end in batch norms with
+  no nonlinearity after them (EfficientNet's blocks end so: a linear bottleneck, summed with its input) and are
+  then averaged over space gets, from a batch of one sample in training, the norms' biases whatever the input: a
+  constant output that cannot learn. With `batch_size: 1` such a config is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -103,3 +108,44 @@ def check_single_sample_batches(model: nn.Module, spec, batch_size: int | None, 
             f"of {'x'.join(map(str, shape[2:])) or 'no'} voxels, one value per channel {fix}, and torch cannot "
             f"normalise that in training. Use a patch twice as large along one axis (e.g. {larger}){other}{batch}."
         )
+
+
+def check_input_reaches_the_head(model: nn.Module, spec, batch_size: int | None, architecture: str) -> None:
+    """Refuses `batch_size: 1` for a classifier or regressor whose head gets the same input whatever the model's
+    input, with one sample per batch in training (see the module docstring). The head is the last linear layer of
+    a forward (its weights may start at zero, so the output would not tell); two different probes, the same random
+    draws (dropout, stochastic depth), on a copy in training mode, so the model's running statistics stay untouched.
+
+    Raises:
+        ConfigError: Naming why, and the batch size that works.
+    """
+    if batch_size != 1 or spec.problem_type == "segmentation":
+        return
+    if not any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
+        return
+    probe_model = copy.deepcopy(model).train()
+    head_inputs: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        head_inputs.append(args[0].detach().float())
+
+    hooks = [m.register_forward_pre_hook(record) for m in probe_model.modules() if isinstance(m, nn.Linear)]
+    generator = torch.Generator().manual_seed(0)
+    last = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for scale in (1.0, 3.0):
+            torch.manual_seed(0)
+            head_inputs.clear()
+            probe_model(scale * torch.randn((1, spec.in_channels, *spec.patch_size), generator=generator) + scale)
+            last.append(head_inputs[-1] if head_inputs else None)
+    for hook in hooks:
+        hook.remove()
+    if last[0] is None or not torch.allclose(last[0], last[1], rtol=1e-4, atol=1e-6):
+        return
+    raise ConfigError(
+        f"{architecture} cannot learn {spec.problem_type} with batch_size: 1: its features end in batch norms with "
+        "no nonlinearity after them, so in training a batch of one sample reaches the head as those norms' biases "
+        f"whatever the input (tried with patch_size {list(spec.patch_size)}: two different inputs gave the head the "
+        "same features). Use batch_size >= 2 (at 2 the two samples are told apart only relative to each other; 4 "
+        "or more learns better)."
+    )
