@@ -428,6 +428,24 @@ def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_siz
     assert stem(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
 
 
+def test_a_classifier_whose_pair_reaches_the_head_mirrored_is_warned_about_at_batch_size_two(caplog):
+    model = DXNET(parameters=parameters(problem_type="classification", dropout=0.0)).train()
+    pooled = []
+    model.head.linear.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
+    model(torch.randn(2, 1, 32, 32, 32))
+    model(3 * torch.randn(2, 1, 32, 32, 32) + 1)
+    assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
+    assert torch.allclose(pooled[0].sum(0), pooled[1].sum(0), atol=1e-4), "the pair's head inputs are no mirror"
+    with caplog.at_level("WARNING"):
+        DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 2})
+    assert "with batch_size: 2 this classification model tells the two samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 4})
+        DXNET(parameters={**parameters(problem_type="classification", encoder_depth=1), "batch_size": 2})
+    assert "batch_size: 2" not in caplog.text
+
+
 def test_encoder_depth_shrinks_the_u_net_with_the_papers_finest_decoder_widths():
     model = DXNET(parameters=parameters(encoder_depth=3)).train()
     assert len(model.decoder.stages) == 3 and model.segmentation_head.in_channels == 16

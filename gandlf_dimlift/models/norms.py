@@ -13,18 +13,22 @@ torch then fails in the middle of an epoch. Two rules make that predictable:
 - `check_input_reaches_the_head` (at build time): a classifier or regressor whose features end in batch norms with
   no nonlinearity after them (EfficientNet's blocks end so: a linear bottleneck, summed with its input) and are
   then averaged over space gets, from a batch of one sample in training, the norms' biases whatever the input: a
-  constant output that cannot learn. With `batch_size: 1` such a config is refused.
+  constant output that cannot learn. With `batch_size: 1` such a config is refused; with 2, whose two samples then
+  reach the head as the biases plus and minus the same features, it is warned about.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
 from torch import nn
 
 from gandlf_dimlift.options import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _BATCH_NORMS = nn.modules.batchnorm._BatchNorm
 _INSTANCE_NORMS = nn.modules.instancenorm._InstanceNorm
@@ -110,42 +114,57 @@ def check_single_sample_batches(model: nn.Module, spec, batch_size: int | None, 
         )
 
 
+def _head_inputs(model: nn.Module, shapes: list[tuple[int, ...]]) -> list[torch.Tensor] | None:
+    """The input of the last linear layer (the head) of a forward of a copy of `model` for a random probe of each
+    shape, or None without a linear layer; the head's weights may start at zero, so its output would not tell. The
+    copy's batch norms are in training mode, every other module in evaluation mode (no dropout, no stochastic
+    depth), and the model's own running statistics stay untouched."""
+    probe_model = copy.deepcopy(model).eval()
+    for module in probe_model.modules():
+        if isinstance(module, _BATCH_NORMS):
+            module.train()
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float()))
+             for m in probe_model.modules() if isinstance(m, nn.Linear)]
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    with torch.no_grad():
+        for index, shape in enumerate(shapes):
+            seen.clear()
+            probe_model((1 + 2 * index) * torch.randn(shape, generator=generator) + index)
+            inputs.append(seen[-1] if seen else None)
+    for hook in hooks:
+        hook.remove()
+    return None if inputs[0] is None else inputs
+
+
 def check_input_reaches_the_head(model: nn.Module, spec, batch_size: int | None, architecture: str) -> None:
-    """Refuses `batch_size: 1` for a classifier or regressor whose head gets the same input whatever the model's
-    input, with one sample per batch in training (see the module docstring). The head is the last linear layer of
-    a forward (its weights may start at zero, so the output would not tell); two different probes, the same random
-    draws (dropout, stochastic depth), on a copy in training mode, so the model's running statistics stay untouched.
+    """Refuses `batch_size: 1` for a classifier or regressor whose head, in training, gets the same input whatever
+    the model's input, and warns at `batch_size: 2` when the head's two inputs of a batch always sum to the same
+    (see the module docstring): measured on two different probes.
 
     Raises:
         ConfigError: Naming why, and the batch size that works.
     """
-    if batch_size != 1 or spec.problem_type == "segmentation":
+    if batch_size not in (1, 2) or spec.problem_type == "segmentation":
         return
     if not any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
         return
-    probe_model = copy.deepcopy(model).train()
-    head_inputs: list[torch.Tensor] = []
-
-    def record(module: nn.Module, args: tuple) -> None:
-        head_inputs.append(args[0].detach().float())
-
-    hooks = [m.register_forward_pre_hook(record) for m in probe_model.modules() if isinstance(m, nn.Linear)]
-    generator = torch.Generator().manual_seed(0)
-    last = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for scale in (1.0, 3.0):
-            torch.manual_seed(0)
-            head_inputs.clear()
-            probe_model(scale * torch.randn((1, spec.in_channels, *spec.patch_size), generator=generator) + scale)
-            last.append(head_inputs[-1] if head_inputs else None)
-    for hook in hooks:
-        hook.remove()
-    if last[0] is None or not torch.allclose(last[0], last[1], rtol=1e-4, atol=1e-6):
+    shape = (batch_size, spec.in_channels, *spec.patch_size)
+    inputs = _head_inputs(model, [shape, shape])
+    if inputs is None or not torch.allclose(inputs[0].sum(0), inputs[1].sum(0), rtol=1e-4, atol=1e-5):
+        return
+    why = ("its features end in batch norms with no nonlinearity after them, so in training the head gets those "
+           "norms' biases")
+    if batch_size == 2:
+        logger.warning(
+            "%s: with batch_size: 2 this %s model tells the two samples of a training batch apart only relative to "
+            "each other: %s plus and minus the same features (two different input pairs gave head inputs of the "
+            "same sum). Use batch_size >= 4 if memory allows.", architecture, spec.problem_type, why)
         return
     raise ConfigError(
-        f"{architecture} cannot learn {spec.problem_type} with batch_size: 1: its features end in batch norms with "
-        "no nonlinearity after them, so in training a batch of one sample reaches the head as those norms' biases "
-        f"whatever the input (tried with patch_size {list(spec.patch_size)}: two different inputs gave the head the "
-        "same features). Use batch_size >= 2 (at 2 the two samples are told apart only relative to each other; 4 "
-        "or more learns better)."
+        f"{architecture} cannot learn {spec.problem_type} with batch_size: 1: {why} whatever the input (tried with "
+        f"patch_size {list(spec.patch_size)}: two different inputs gave the head the same features). Use "
+        "batch_size >= 2 (at 2 the two samples are told apart only relative to each other; 4 or more learns "
+        "better)."
     )
