@@ -154,17 +154,17 @@ def check_input_reaches_the_head(model: nn.Module, spec, batch_size: int | None,
     inputs = _head_inputs(model, [shape, shape])
     if inputs is None or not torch.allclose(inputs[0].sum(0), inputs[1].sum(0), rtol=1e-4, atol=1e-5):
         return
-    why = ("its features end in batch norms with no nonlinearity after them, so in training the head gets those "
-           "norms' biases")
+    why = "its features end in batch norms with no nonlinearity after them, so in training"
     if batch_size == 2:
         logger.warning(
             "%s: with batch_size: 2 this %s model tells the two samples of a training batch apart only relative to "
-            "each other: %s plus and minus the same features (two different input pairs gave head inputs of the "
-            "same sum). Use batch_size >= 4 if memory allows.", architecture, spec.problem_type, why)
+            "each other: %s the head gets those norms' biases plus and minus the same features (two different input "
+            "pairs gave head inputs of the same sum). Use batch_size >= 4 if memory allows.",
+            architecture, spec.problem_type, why)
         return
     raise ConfigError(
-        f"{architecture} cannot learn {spec.problem_type} with batch_size: 1: {why} whatever the input (tried with "
-        f"patch_size {list(spec.patch_size)}: two different inputs gave the head the same features). Use "
-        "batch_size >= 2 (at 2 the two samples are told apart only relative to each other; 4 or more learns "
-        "better)."
+        f"{architecture} cannot learn {spec.problem_type} with batch_size: 1: {why} a batch of one sample reaches "
+        f"the head as those norms' biases whatever the input (tried with patch_size {list(spec.patch_size)}: two "
+        "different inputs gave the head the same features). Use batch_size >= 2 (at 2 the two samples are told "
+        "apart only relative to each other; 4 or more learns better)."
     )
