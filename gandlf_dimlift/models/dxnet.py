@@ -41,10 +41,15 @@ DEPTH = 5  # the paper's encoder stages, each halving the resolution: skips at /
 PAPER_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
+def paper_decoder_channels(depth: int) -> tuple[int, ...]:
+    """The paper's decoder widths of the stages an encoder of `depth` stages keeps (the finest)."""
+    return PAPER_DECODER_CHANNELS[DEPTH - depth:]
+
+
 def decoder_channels(options: dict[str, Any]) -> tuple[int, ...]:
-    """The decoder's widths: as given, or the paper's widths of the stages the encoder depth keeps (the finest)."""
-    given = options.get("decoder_channels")
-    return tuple(given) if given is not None else PAPER_DECODER_CHANNELS[DEPTH - options["encoder_depth"]:]
+    """The decoder's widths: as given, or the paper's for the encoder depth."""
+    given = options["decoder_channels"]
+    return tuple(given) if given is not None else paper_decoder_channels(options["encoder_depth"])
 
 
 def encoder_name(family: str, variant: str) -> str:
@@ -174,7 +179,7 @@ def check(spec: ModelSpec, options: dict[str, Any], architecture: str) -> None:
     if len(widths) != depth:
         raise ConfigError(
             f"model.decoder_channels = {list(widths)} has {len(widths)} widths; the decoder needs one per encoder "
-            f"stage ({depth}, model.encoder_depth), e.g. {list(PAPER_DECODER_CHANNELS[DEPTH - depth:])}."
+            f"stage ({depth}, model.encoder_depth), e.g. {list(paper_decoder_channels(depth))}."
         )
     from_stage = options.get("slice_stride_from_stage", 1)
     slice_divisor = 2 ** sum(s == 2 for s in _slice_strides(options))

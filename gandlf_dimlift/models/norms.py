@@ -114,27 +114,25 @@ def check_single_sample_batches(model: nn.Module, spec, batch_size: int | None, 
         )
 
 
-def _head_inputs(model: nn.Module, shapes: list[tuple[int, ...]]) -> list[torch.Tensor] | None:
-    """The input of the last linear layer (the head) of a forward of a copy of `model` for a random probe of each
-    shape, or None without a linear layer; the head's weights may start at zero, so its output would not tell. The
-    copy's batch norms are in training mode, every other module in evaluation mode (no dropout, no stochastic
-    depth), and the model's own running statistics stay untouched."""
+def _head_inputs(model: nn.Module, shape: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """The inputs of the last linear layer (the head) for two different random probes of `shape`, or None without a
+    linear layer; the head's weights may start at zero, so its output would not tell. They run through a copy whose
+    batch norms are in training mode and every other module in evaluation mode (no dropout, no stochastic depth),
+    so the model's own running statistics stay untouched."""
     probe_model = copy.deepcopy(model).eval()
+    seen: list[torch.Tensor] = []
     for module in probe_model.modules():
         if isinstance(module, _BATCH_NORMS):
             module.train()
-    seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float()))
-             for m in probe_model.modules() if isinstance(m, nn.Linear)]
+        elif isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(lambda linear, args: seen.append(args[0].detach().float()))
     generator = torch.Generator().manual_seed(0)
     inputs = []
     with torch.no_grad():
-        for index, shape in enumerate(shapes):
+        for scale, shift in ((1.0, 0.0), (3.0, 1.0)):
             seen.clear()
-            probe_model((1 + 2 * index) * torch.randn(shape, generator=generator) + index)
+            probe_model(scale * torch.randn(shape, generator=generator) + shift)
             inputs.append(seen[-1] if seen else None)
-    for hook in hooks:
-        hook.remove()
     return None if inputs[0] is None else inputs
 
 
@@ -150,8 +148,7 @@ def check_input_reaches_the_head(model: nn.Module, spec, batch_size: int | None,
         return
     if not any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
         return
-    shape = (batch_size, spec.in_channels, *spec.patch_size)
-    inputs = _head_inputs(model, [shape, shape])
+    inputs = _head_inputs(model, (batch_size, spec.in_channels, *spec.patch_size))
     if inputs is None or not torch.allclose(inputs[0].sum(0), inputs[1].sum(0), rtol=1e-4, atol=1e-5):
         return
     why = "its features end in batch norms with no nonlinearity after them, so in training"
