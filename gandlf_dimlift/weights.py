@@ -402,6 +402,14 @@ def _load(model: nn.Module, state_dict: dict[str, torch.Tensor], bases: dict[str
     return problems
 
 
+WHOLE_MODEL, OUTPUT_LAYER = "the whole model", "the output layer"  # in `transfer`'s account of what it loaded
+
+
+def loaded_output_layer(loaded: str | None) -> bool:
+    """Whether `transfer`'s account of what it loaded (None: nothing) includes the output layer."""
+    return loaded is not None and (loaded == WHOLE_MODEL or OUTPUT_LAYER in loaded)
+
+
 def transfer(model: nn.Module, source: Source, parts: Parts, architecture: str, accepts: str = "") -> str:
     """Loads a weights file into `model`: every tensor when the whole model fits, else the encoder, with the rest
     of the network when the file holds it. Returns what was loaded, in words.
@@ -414,7 +422,7 @@ def transfer(model: nn.Module, source: Source, parts: Parts, architecture: str, 
     whole, problems = _fit(model.state_dict(), state, "")
     if not problems:
         model.load_state_dict(whole)
-        return "the whole model"
+        return WHOLE_MODEL
     prefix = _find_prefix(list(model.get_submodule(parts.encoder).state_dict()), state)
     if prefix is None:
         kind = f"a checkpoint of architecture {source.file.architecture!r}" if source.file.architecture else (
@@ -438,7 +446,7 @@ def transfer(model: nn.Module, source: Source, parts: Parts, architecture: str, 
     # The file's network root relative to its encoder: "" for a checkpoint of this architecture.
     end = parts.encoder + "."
     root = prefix[: -len(end)] if prefix == end or prefix.endswith("." + end) else None
-    for what, paths in (("the rest of the network", parts.body), ("the output layer", parts.head)):
+    for what, paths in (("the rest of the network", parts.body), (OUTPUT_LAYER, parts.head)):
         if root is None or not any(k.startswith(f"{root}{p}.") for p in paths for k in state):
             continue
         problems = _load(model, state, {p: f"{root}{p}." for p in paths})

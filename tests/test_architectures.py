@@ -114,3 +114,43 @@ def test_weight_transfer(key, example, tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if k.startswith(encoder_path + "."))
     rest = [name for name, _ in source.named_parameters() if not name.startswith(encoder_path + ".")]
     assert rest and all(not torch.equal(loaded[k], source.state_dict()[k]) for k in rest)
+
+
+@pytest.mark.parametrize("key,example", [p for p in _examples() if p.values[1].problem_type == "segmentation"])
+def test_segmentation_output_starts_at_the_training_labels_class_shares(key, example, tmp_path):
+    """GaNDLF hands the builder its training table: the output bias starts at the labels' log-prior (softmax) or
+    log-odds (sigmoid); not when patches are sampled around labels, nor when a file gave the output layer."""
+    import SimpleITK as sitk
+    from GANDLF.models import get_model
+    from GANDLF.utils import parseTrainingCSV
+
+    from gandlf_dimlift.models.label_prior import FLOOR, output_layer
+    from gandlf_dimlift.registry import registered
+    from gandlf_dimlift.synthetic import write_dataset
+
+    csv = write_dataset(tmp_path / "data", "segmentation", n_subjects=3, shape=tuple(example.patch_size), seed=0)
+    table, headers = parseTrainingCSV(str(csv), train=True)
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in table["Label"]]
+    voxels = sum(a.size for a in labels)
+    shares = torch.tensor([sum(float((a == c).sum()) for a in labels) / voxels
+                           for c in range(example.n_outputs)]).clamp(FLOOR, 1 - FLOOR)
+    assert 0.01 < shares[1] < 0.5  # a foreground far from an even split: the prior matters
+
+    def built(final_layer="softmax", sampler="uniform", pretrained=False):
+        parameters = _parameters(key, example)
+        parameters["model"].update(final_layer=final_layer, pretrained=pretrained)
+        model = get_model({**parameters, "training_data": table, "headers": headers,
+                           "patch_sampler": {"type": sampler}})
+        head = registered()[key].builder.parts(model).head
+        return model, output_layer(model, head, example.n_outputs).bias.detach().clone()
+
+    model, bias = built()
+    torch.testing.assert_close(bias, (shares.log() - shares.log().mean()).float())
+    torch.testing.assert_close(built("sigmoid")[1], (shares / (1 - shares)).log().float())
+    assert not built(sampler="label")[1].any()  # zero-initialised: started random-but-unbiased
+    with torch.no_grad():
+        output_layer(model, registered()[key].builder.parts(model).head, example.n_outputs).bias.add_(1.0)
+    checkpoint = tmp_path / f"{key}_best.pth.tar"
+    torch.save({"model_state_dict": model.state_dict(),
+                "parameters": {"model": {"architecture": key, "dimension": example.dimension}}}, checkpoint)
+    torch.testing.assert_close(built(pretrained=str(checkpoint))[1], bias + 1.0)

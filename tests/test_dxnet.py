@@ -489,9 +489,11 @@ def test_gandlf_run_trains_omnianet_then_transfers_it_into_dxnet_and_infers(work
     csv_2d = write_dataset(workdir / "slices", "segmentation", n_subjects=4, shape=(32, 32), seed=1)
     config_2d = make_config("dimlift_omnianet", "segmentation", patch_size=(32, 32), dimension=2,
                             model_options={"pretrained": False}, batch_size=2)
-    run_gandlf(config_2d, csv_2d, workdir / "omnianet_2d")
+    output_2d = run_gandlf(config_2d, csv_2d, workdir / "omnianet_2d").stdout
     best_2d = workdir / "omnianet_2d" / "dimlift_omnianet_best.pth.tar"
     assert best_2d.is_file()
+    prior = "dimlift_omnianet: the output layer's bias starts at the class shares of 2 training label maps (0: 0."
+    assert prior in output_2d, output_2d[-3000:]
 
     csv_3d = write_dataset(workdir / "volumes", "segmentation", n_subjects=4, shape=(32, 32, 32), seed=2)
     # One training step (2 training subjects, batch 2) at a small learning rate: Adam moves each weight by at most
@@ -503,6 +505,7 @@ def test_gandlf_run_trains_omnianet_then_transfers_it_into_dxnet_and_infers(work
     told = (f"dimlift_dxnet: 3D segmentation model, initialised from {best_2d} (a dimlift_omnianet checkpoint, 2D): "
             "the whole model loaded, lifted 2D -> 3D by inflate.")
     assert told in output, output[-3000:]
+    assert "bias starts at the class shares" not in output  # the checkpoint gave the output layer
 
     state_2d = torch.load(best_2d, map_location="cpu", weights_only=False)["model_state_dict"]
     best_3d = workdir / "dxnet_3d" / "dimlift_dxnet_best.pth.tar"

@@ -10,9 +10,10 @@ runs `build`:
 3. remove the modules whose parameters never get a gradient (smp keeps every encoder stage whatever the depth;
    DistributedDataParallel and the optimiser should not see them);
 4. load a 2D weights file, lift to 3D, load a 3D weights file (`weights.transfer`, one loader for every format);
-5. refuse a batch size that leaves a batch norm one value per channel, or a classifier's head a constant input,
+5. start a segmentation output that no file gave at the training labels' class shares (`label_prior`);
+6. refuse a batch size that leaves a batch norm one value per channel, or a classifier's head a constant input,
    and let an epoch's last batch of one sample through (GaNDLF does not drop it);
-6. say what the model was initialised from, on GaNDLF's console and in its log.
+7. say what the model was initialised from, on GaNDLF's console and in its log.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from gandlf_dimlift import messages, weights
 from gandlf_dimlift.models.common import ModelSpec
+from gandlf_dimlift.models.label_prior import start_at_label_prior
 from gandlf_dimlift.models.norms import (
     check_input_reaches_the_head,
     check_single_sample_batches,
@@ -155,6 +157,8 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
         model = architecture.lift(model, spec, options)
     if source.dimension == 3:
         transferred = weights.transfer(model, source, architecture.parts(model), key, accepts)
+    if spec.problem_type == "segmentation" and architecture.parts and not weights.loaded_output_layer(transferred):
+        start_at_label_prior(model, architecture.parts(model).head, spec, parameters, key)
     # GaNDLF accepts only batch and instance for these architectures; an encoder keeps its pretrained norms
     instance_norms = any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules())
     if spec.norm_type == "instance" and not instance_norms:
