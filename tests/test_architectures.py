@@ -147,7 +147,7 @@ def test_segmentation_output_starts_at_the_training_labels_class_shares(key, exa
     model, bias = built()
     torch.testing.assert_close(bias, (shares.log() - shares.log().mean()).float())
     torch.testing.assert_close(built("sigmoid")[1], (shares / (1 - shares)).log().float())
-    assert not built(sampler="label")[1].any()  # zero-initialised: started random-but-unbiased
+    assert not built(sampler="label")[1].any()  # the family's own zero bias: every class equally likely
     with torch.no_grad():
         output_layer(model, registered()[key].builder.parts(model).head, example.n_outputs).bias.add_(1.0)
     checkpoint = tmp_path / f"{key}_best.pth.tar"
