@@ -25,7 +25,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 #: label maps read at most (evenly spaced over the training table): the prior needs a rough estimate, not all
-MAX_LABEL_MAPS = 32
+MAX_LABEL_MAPS = 16
 #: frequency given to a class that none of the maps read shows, so that its start is unlikely, not impossible
 FLOOR = 1e-3
 #: final layers whose outputs the bias maps to probabilities; others (identity, tanh) keep a zero bias
@@ -52,8 +52,11 @@ def training_class_shares(parameters: dict[str, Any]) -> tuple[list[float], int]
     counts, voxels = torch.zeros(len(class_list), dtype=torch.float64), 0
     for index in chosen:
         array = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(paths[index]))))
-        array = array.reshape(1, 1, -1, 1, 1)  # one_hot takes (B, 1, X, Y, Z); counting needs no shape
-        counts += one_hot(array, class_list).sum(dim=(0, 2, 3, 4)).double()
+        values, number = torch.unique(array, return_counts=True)
+        # one_hot of the distinct values only (a one-hot map of a 512^3 volume would take gigabytes); it takes
+        # (B, 1, X, Y, Z)
+        members = one_hot(values.reshape(1, 1, -1, 1, 1), class_list)[0, :, :, 0, 0]
+        counts += members.double() @ number.double()
         voxels += array.numel()
     return [float(v) for v in (counts / max(voxels, 1)).clamp(min=FLOOR, max=1 - FLOOR)], len(chosen)
 
