@@ -154,3 +154,21 @@ def test_segmentation_output_starts_at_the_training_labels_class_shares(key, exa
     torch.save({"model_state_dict": model.state_dict(),
                 "parameters": {"model": {"architecture": key, "dimension": example.dimension}}}, checkpoint)
     torch.testing.assert_close(built(pretrained=str(checkpoint))[1], bias + 1.0)
+
+
+def test_class_shares_read_any_label_type_and_gandlfs_combined_classes(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import SimpleITK as sitk
+
+    from gandlf_dimlift.models.label_prior import training_class_shares
+
+    paths = []
+    for dtype in (np.uint8, np.uint16, np.int16, np.float32):
+        label = np.zeros((8, 8, 8), dtype)
+        label[:2], label[2] = 1, 2  # shares: 0 -> 5/8, 1 -> 2/8, 2 -> 1/8
+        paths.append(str(tmp_path / f"{np.dtype(dtype).name}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), paths[-1])
+    table = pd.DataFrame({"SubjectID": range(4), "Channel_0": paths, "Label": paths})
+    parameters = {"training_data": table, "headers": {"labelHeader": 2}, "model": {"class_list": [0, 1, "1||2"]}}
+    assert training_class_shares(parameters) == ([0.625, 0.25, 0.375], 4)

@@ -19,6 +19,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,13 +52,13 @@ def training_class_shares(parameters: dict[str, Any]) -> tuple[list[float], int]
     chosen = sorted({round(i * (len(paths) - 1) / max(MAX_LABEL_MAPS - 1, 1)) for i in range(MAX_LABEL_MAPS)})
     counts, voxels = torch.zeros(len(class_list), dtype=torch.float64), 0
     for index in chosen:
-        array = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(paths[index]))))
-        values, number = torch.unique(array, return_counts=True)
+        # numpy's unique takes any label type (torch has no unique for uint16)
+        values, number = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(paths[index]))), return_counts=True)
         # one_hot of the distinct values only (a one-hot map of a 512^3 volume would take gigabytes); it takes
         # (B, 1, X, Y, Z)
-        members = one_hot(values.reshape(1, 1, -1, 1, 1), class_list)[0, :, :, 0, 0]
-        counts += members.double() @ number.double()
-        voxels += array.numel()
+        members = one_hot(torch.from_numpy(values.astype(np.float64)).reshape(1, 1, -1, 1, 1), class_list)
+        counts += members[0, :, :, 0, 0].double() @ torch.from_numpy(number).double()
+        voxels += int(number.sum())
     return [float(v) for v in (counts / max(voxels, 1)).clamp(min=FLOOR, max=1 - FLOOR)], len(chosen)
 
 
