@@ -74,16 +74,16 @@ def output_layer(model: nn.Module, head_paths: tuple[str, ...], n_outputs: int) 
 
 
 def start_at_label_prior(model: nn.Module, head_paths: tuple[str, ...], spec: Any,
-                         parameters: dict[str, Any], architecture: str) -> bool:
+                         parameters: dict[str, Any], architecture: str) -> None:
     """Sets the output bias of a segmentation `model` to the training labels' log-prior for its final layer
-    (softmax: log shares; sigmoid: log-odds of each class, divided by GaNDLF's sigmoid input multiplier); returns
-    whether it did, and says so on GaNDLF's console and in its log."""
+    (softmax: log shares; sigmoid: log-odds of each class, divided by GaNDLF's sigmoid input multiplier) and says
+    so on GaNDLF's console and in its log; leaves it when there is no training table or no such layer."""
     if spec.final_layer not in PRIOR_FINAL_LAYERS:
-        return False
+        return
     layer = output_layer(model, head_paths, spec.n_outputs)
     found = training_class_shares(parameters) if layer is not None else None
     if found is None:
-        return False
+        return
     shares, maps = found
     if spec.final_layer == "sigmoid":
         bias = [math.log(p / (1 - p)) / spec.sigmoid_input_multiplier for p in shares]
@@ -95,4 +95,3 @@ def start_at_label_prior(model: nn.Module, head_paths: tuple[str, ...], spec: An
     named = ", ".join(f"{c}: {p:.3f}" for c, p in zip(parameters["model"]["class_list"], shares, strict=True))
     logger.info("%s: the output layer's bias starts at the class shares of %d training label map%s (%s).",
                 architecture, maps, "" if maps == 1 else "s", named)
-    return True
