@@ -52,7 +52,7 @@ def training_class_shares(parameters: dict[str, Any]) -> tuple[list[float], int]
     chosen = sorted({round(i * (len(paths) - 1) / max(MAX_LABEL_MAPS - 1, 1)) for i in range(MAX_LABEL_MAPS)})
     counts, voxels = torch.zeros(len(class_list), dtype=torch.float64), 0
     for index in chosen:
-        # numpy's unique takes any label type (torch has no unique for uint16)
+        # counted on the array SimpleITK returns, whatever its type: no copy of the volume into torch
         values, number = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(paths[index]))), return_counts=True)
         # one_hot of the distinct values only (a one-hot map of a 512^3 volume would take gigabytes); it takes
         # (B, 1, X, Y, Z)
