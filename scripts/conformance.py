@@ -21,6 +21,8 @@ Usage::
     python scripts/conformance.py                      # everything -> docs/conformance.{json,md}
     python scripts/conformance.py --only dimlift_smp --flows seg3d-softmax,cls3d   # replaces those rows
     python scripts/conformance.py --render             # rebuild the markdown from the json
+    python scripts/conformance.py --one learning dimlift_dxnet seg3d --work DIR --options '{"encoder_depth": 4}'
+                                                       # one learning row with other plugin options, printed only
 """
 
 from __future__ import annotations
@@ -537,12 +539,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", help="comma-separated learning checks (none: --checks '')")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--render", action="store_true", help="rebuild the markdown from the committed json")
-    parser.add_argument("--one", nargs=3, metavar=("KIND", "ARCHITECTURE", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("KIND", "ARCHITECTURE", "NAME"),
+                        help="one row, printed, not written; needs --work (KIND learning; flow, with --data, is the "
+                        "sweep's own subprocess call)")
+    parser.add_argument("--options", type=json.loads, metavar="JSON",
+                        help="with --one learning: the plugin's model options instead of LEARNING_OPTIONS'")
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         kind, architecture, name = args.one
         args.work.mkdir(parents=True, exist_ok=True)
+        if args.options is not None:
+            LEARNING_OPTIONS[architecture] = args.options
         row = run_flow(architecture, name, args.data, args.work) if kind == "flow" else run_learning(
             architecture, name, args.work)
         print("\nRESULT " + json.dumps(row), flush=True)
