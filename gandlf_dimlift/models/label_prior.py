@@ -49,7 +49,7 @@ def training_class_shares(parameters: dict[str, Any]) -> tuple[list[float], int]
 
     class_list = parameters["model"]["class_list"]
     paths = data[data.columns[label]].tolist()
-    chosen = sorted({round(i * (len(paths) - 1) / max(MAX_LABEL_MAPS - 1, 1)) for i in range(MAX_LABEL_MAPS)})
+    chosen = np.unique(np.linspace(0, len(paths) - 1, MAX_LABEL_MAPS).round().astype(int))
     counts, voxels = torch.zeros(len(class_list), dtype=torch.float64), 0
     for index in chosen:
         # counted on the array SimpleITK returns, whatever its type: no copy of the volume into torch
