@@ -50,15 +50,16 @@ def test_every_flow_passes_or_is_refused_before_training_with_the_fix():
 # Rows that learn but end behind GaNDLF's built-in within the check's budget: open work, stated in
 # docs/conformance.md and the README. They must still learn (end better than their first epoch), and a
 # row that catches up must leave this list.
-# at batch_size 2 the encoder's final batch norm leaves the two samples of a batch symmetric about its bias
-BATCH_PAIR = "DX-Net's classifier sees its batch of 2 only relative to each other (README; open, issue 12)"
+# DX-Net's classifier (max pooling, encoder_depth 3): 8 runs of the softmax row ended at 0.97 on average
+DX_SPREAD = "one or two training subjects short in some runs: the check's spread (docs/dxnet.md; 8 runs: 0.97)"
 # the running statistics its batch renormalisation trains with swing with each small batch's volumes
 SWINGS = "slice attention's output swings with its running statistics (docs/slice_attention.md; open, issue 12)"
 # resnet18 reached 1.00 in all six classification runs of the committed table; smp 0.92 in one of three
 ONE_SUBJECT = "one training subject short in one of three runs (0.92 against 1.00): the check's run-to-run spread"
 BEHIND = {
-    ("cls3d-softmax-cel", "dimlift_dxnet"): BATCH_PAIR,
-    ("cls3d-logits-cel", "dimlift_dxnet"): BATCH_PAIR,
+    ("cls3d-softmax-cel", "dimlift_dxnet"): DX_SPREAD,
+    ("cls3d-logits-cel", "dimlift_dxnet"): DX_SPREAD,
+    ("seg3d", "dimlift_dxnet"): "0.900 against 0.901 (unet ended at 0.86 in the sweep before): the check's spread",
     ("cls3d-logits-cel", "dimlift_slice_attention"): SWINGS,
     ("cls3d-softmax-cel", "dimlift_smp"): ONE_SUBJECT,
     ("cls3d-logits-cel", "dimlift_smp"): ONE_SUBJECT,
@@ -88,8 +89,17 @@ def test_markdown_is_rendered_from_the_json():
     assert (ROOT / "docs" / "conformance.md").read_text() == SCRIPT.render(DATA)
 
 
-# A representative slice, re-run: a lifted family per dimension and final layer kind, the refusal, the logits
-# inference without ground truth, ONNX export, and a last batch of one sample.
+def test_a_partial_sweep_replaces_its_rows_in_place():
+    table = {"flows": [], "learning": [{"architecture": a, "check": "c", "value": 0} for a in ("ref", "x", "y")]}
+    partial = {"gandlf": "g", "torch": "t", "machine": "m", "date": "d", "flows": [],
+               "learning": [{"architecture": a, "check": "c", "value": 1} for a in ("z", "x", "ref")]}
+    rows = SCRIPT.merged(table, partial)["learning"]
+    assert [(r["architecture"], r["value"]) for r in rows] == [("ref", 1), ("x", 1), ("y", 0), ("z", 1)]
+
+
+# A representative slice, re-run: a lifted family per dimension and final layer kind, the logits inference without
+# ground truth, ONNX export, a last batch of one sample, and DX-Net's regression head at batch 1 (refused while it
+# averaged over space).
 SLICE = [
     ("dimlift_smp", "seg3d-softmax"), ("dimlift_omnianet", "seg2d-sigmoid"), ("dimlift_dxnet", "seg3d-batch2-odd"),
     ("dimlift_dxnet", "seg3d-identity"), ("dimlift_slice_attention", "cls3d-logits-infer"),

@@ -406,44 +406,62 @@ def test_one_value_per_channel_at_the_bottleneck_is_refused_with_batch_size_one(
         DXNET(parameters={**parameters(patch_size=(32, 32, 8), slice_stride_from_stage=3), "batch_size": 1})
 
 
-def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_size_one():
-    """Past EfficientNet's stem every stage ends in batch norms with nothing after them: averaged over space, a
-    batch of one sample gives the head those norms' biases whatever the input."""
-    deep = parameters(problem_type="classification", encoder_depth=3)
-    model = DXNET(parameters={**deep, "batch_size": 2}).train()
+def _head_inputs_of_two_inputs(model, batch: int) -> list[torch.Tensor]:
     pooled = []
     model.head.linear.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
     torch.manual_seed(0)
-    model(torch.randn(1, 1, 32, 32, 32))
+    model(torch.randn(batch, 1, 32, 32, 32))
     torch.manual_seed(0)
-    model(3 * torch.randn(1, 1, 32, 32, 32) + 1)
-    assert torch.allclose(pooled[0], pooled[1], atol=1e-5), "the head's input depends on a batch-of-one input"
-    with pytest.raises(ConfigError, match=r"cannot learn classification with batch_size: 1.*batch_size >= 2"):
-        DXNET(parameters={**deep, "batch_size": 1})
+    model(3 * torch.randn(batch, 1, 32, 32, 32) + 1)
+    return pooled
+
+
+def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_size_one():
+    """Past EfficientNet's stem every stage ends in batch norms with nothing after them: averaged over space, a
+    batch of one sample gives the head those norms' biases whatever the input; their maximum (the default) varies."""
+    deep = parameters(problem_type="classification", encoder_depth=3, dropout=0.0)
+    deep_avg = parameters(problem_type="classification", encoder_depth=3, dropout=0.0, pooling="avg")
+    averaged = _head_inputs_of_two_inputs(DXNET(parameters={**deep_avg, "batch_size": 2}).train(), 1)
+    assert torch.allclose(*averaged, atol=1e-5), "the head's input depends on a batch-of-one input"
+    fix = r"model.pooling: max over deepest features of more than one voxel.*batch_size >= 2"
+    with pytest.raises(ConfigError, match=r"cannot learn classification with batch_size: 1.*" + fix):
+        DXNET(parameters={**deep_avg, "batch_size": 1})
     with pytest.raises(ConfigError, match="cannot learn regression"):
         OMNIANET(parameters={**parameters("dimlift_omnianet", problem_type="regression", patch_size=(32, 32),
-                                          encoder_depth=2, n_classes=1), "batch_size": 1})
+                                          encoder_depth=2, n_classes=1, pooling="avg"), "batch_size": 1})
+    maximum = _head_inputs_of_two_inputs(DXNET(parameters={**deep, "batch_size": 1}).train(), 1)
+    assert not torch.allclose(*maximum, atol=1e-3), "max pooling gave the head the same input for two inputs"
+    # at a 1-voxel bottleneck (depth 5 at 32^3) the maximum is the average: refused as before
+    with pytest.raises(ConfigError, match="one value per channel"):
+        DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 1})
     # the stem ends in a swish: one stage reaches the head with the input's own features
     stem = DXNET(parameters={**parameters(problem_type="classification", encoder_depth=1), "batch_size": 1}).train()
     assert stem(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
 
 
 def test_a_classifier_whose_pair_reaches_the_head_mirrored_is_warned_about_at_batch_size_two(caplog):
+    # depth 5 at 32^3: a 1-voxel bottleneck, where max pooling is the average
     model = DXNET(parameters=parameters(problem_type="classification", dropout=0.0)).train()
-    pooled = []
-    model.head.linear.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
-    model(torch.randn(2, 1, 32, 32, 32))
-    model(3 * torch.randn(2, 1, 32, 32, 32) + 1)
+    pooled = _head_inputs_of_two_inputs(model, 2)
     assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
     assert torch.allclose(pooled[0].sum(0), pooled[1].sum(0), atol=1e-4), "the pair's head inputs are no mirror"
     with caplog.at_level("WARNING"):
         DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 2})
     assert "with batch_size: 2 this classification model tells the two samples" in caplog.text
+    assert "model.pooling: max over deepest features of more than one voxel" in caplog.text
     caplog.clear()
+    deeper = parameters(problem_type="classification", encoder_depth=3, dropout=0.0)
+    maximum = _head_inputs_of_two_inputs(DXNET(parameters=deeper).train(), 2)
+    assert not torch.allclose(maximum[0].sum(0), maximum[1].sum(0), atol=1e-3), "max pooling left a mirror"
     with caplog.at_level("WARNING"):
         DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 4})
         DXNET(parameters={**parameters(problem_type="classification", encoder_depth=1), "batch_size": 2})
+        DXNET(parameters={**deeper, "batch_size": 2})
     assert "batch_size: 2" not in caplog.text
+    with caplog.at_level("WARNING"):
+        DXNET(parameters={**parameters(problem_type="classification", encoder_depth=3, pooling="avg"),
+                          "batch_size": 2})
+    assert "with batch_size: 2 this classification model" in caplog.text
 
 
 def test_encoder_depth_shrinks_the_u_net_with_the_papers_finest_decoder_widths():

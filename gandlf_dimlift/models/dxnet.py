@@ -67,7 +67,7 @@ class DXNet(nn.Module):
         spec: GaNDLF's model contract; `spec.dimension` must be the encoder's dimension (2 before lifting).
         decoder_channels: Decoder channels per stage, coarsest first.
         dropout: Dropout before the linear head (classification, regression).
-        pooling: Global pooling of the head: avg or max.
+        pooling: Global pooling of the head: max or avg.
         architecture: Key used in error messages.
     """
 
@@ -77,7 +77,7 @@ class DXNet(nn.Module):
         spec: ModelSpec,
         decoder_channels: tuple[int, ...] = PAPER_DECODER_CHANNELS,
         dropout: float = 0.2,
-        pooling: str = "avg",
+        pooling: str = "max",
         architecture: str = OMNIANET_KEY,
     ):
         super().__init__()
@@ -286,7 +286,11 @@ COMMON_OPTIONS = (
     ),
     Option("dropout", 0.2, "Dropout before the linear head (classification, regression).", types=(float,),
            check=_check_dropout, problem_types=("classification", "regression")),
-    Option("pooling", "avg", "Global pooling before the linear head (classification, regression).",
+    # max by default: every EfficientNet stage ends in batch norms with no nonlinearity after them, so in training
+    # the spatial average of a batch's features is fixed by those norms' biases (at batch_size 1 a constant, at 2
+    # mirror images) and a linear head cannot place the whole batch; the maximum is not fixed so (docs/dxnet.md).
+    Option("pooling", "max", "Global pooling before the linear head (classification, regression): max (by default: "
+           "it learns at GaNDLF's small batch sizes) or avg (EfficientNet's ImageNet classifier).",
            choices=("avg", "max"), problem_types=("classification", "regression")),
 )
 
