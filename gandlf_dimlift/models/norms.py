@@ -137,8 +137,8 @@ def _head_inputs(model: nn.Module, shape: tuple[int, ...]) -> list[torch.Tensor]
     return None if inputs[0] is None else inputs
 
 
-#: The fix both messages name: a maximum over space is not fixed by the norms' biases, an average over one voxel is
-#: the maximum (the conformance check's DX-Net classifier: train accuracy 0.97 with max pooling at 4^3, 0.72 averaged).
+#: The fix both messages name: a maximum over space is not fixed by the norms' biases; over one voxel it is the
+#: average (docs/dxnet.md measures both poolings).
 POOLING_FIX = ("Use model.pooling: max over deepest features of more than one voxel (a smaller model.encoder_depth "
                "or a larger patch).")
 
