@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from gandlf_dimlift.models.slice_attention import ARCHITECTURE, POOLED_NORM_KEY, BatchRenorm2d, SliceAttentionClassifier
+from gandlf_dimlift.models.norms import BatchRenorm2d
+from gandlf_dimlift.models.slice_attention import ARCHITECTURE, POOLED_NORM_KEY, SliceAttentionClassifier
 from gandlf_dimlift.models.slice_pooling import POOLINGS
 from gandlf_dimlift.options import ConfigError
 

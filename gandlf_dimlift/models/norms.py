@@ -23,8 +23,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from contextlib import contextmanager
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gandlf_dimlift.options import ConfigError
@@ -172,3 +175,105 @@ def check_input_reaches_the_head(model: nn.Module, spec, batch_size: int | None,
         f"different inputs gave the head the same features). {POOLING_FIX} Or use batch_size >= 2 (at 2 the two "
         "samples are told apart only relative to each other)."
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch renormalisation: training with the running statistics that evaluation uses.
+
+
+class BatchRenorm:
+    """Batch normalisation that trains with the running statistics it evaluates with (batch renormalisation).
+
+    Ioffe, "Batch Renormalization" (2017), with unbounded corrections: the forward pass normalises with the
+    running mean and variance in training as in evaluation, while the gradient is batch normalisation's (it flows
+    through the batch statistics). Small batches need it: plain batch normalisation standardises every channel over
+    the batch in training (over one volume's slices for a slice encoder; over a pair of volumes at batch_size 2)
+    but over the running statistics in evaluation, and a model trained that way predicts differently in
+    validation. Mixed into torch's batch norm classes (`BatchRenorm2d`, `BatchRenorm3d`): parameters and buffers
+    are theirs, so pretrained weights and checkpoints load unchanged, and the evaluation output is identical.
+    """
+
+    # While a checkpointed forward runs: (statistics per module, whether this is the recomputation).
+    replay: tuple[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], bool] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        self._check_input_dim(x)
+        recomputing = self.replay is not None and self.replay[1]
+        if recomputing:  # the backward pass recomputes a checkpointed forward: same statistics, no second update
+            running_mean, running_var = self.replay[0][self]
+        else:
+            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+            if self.replay is not None:
+                self.replay[0][self] = (running_mean, running_var)
+        running_std = torch.sqrt(running_var + self.eps)
+        count = x.numel() // x.shape[1]
+        if count < 2:  # one value per channel: no batch statistics, so the running ones alone
+            per_channel = (-1,) + (1,) * (x.dim() - 2)
+            normalized = (x - running_mean.view(per_channel)) / running_std.view(per_channel)
+            return normalized * self.weight.view(per_channel) + self.bias.view(per_channel)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), unbiased=False)
+            # (x - mean) / std * r + d with r = std / running_std and d = (mean - running_mean) / running_std held
+            # constant: forward value (x - running_mean) / running_std, gradient through the batch statistics.
+            r = torch.sqrt(var + self.eps) / running_std
+            d = (mean - running_mean) / running_std
+            if not recomputing:
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
+        # torch's fused batch norm in training mode (one kernel forward and backward, where the expression above
+        # spelt out costs several passes over the activations) with the corrections folded into its affine terms
+        return F.batch_norm(x, None, None, self.weight * r, self.bias + self.weight * d, True, 0.0, self.eps)
+
+
+class BatchRenorm2d(BatchRenorm, nn.BatchNorm2d):
+    """`BatchRenorm` of `nn.BatchNorm2d`."""
+
+
+class BatchRenorm3d(BatchRenorm, nn.BatchNorm3d):
+    """`BatchRenorm` of `nn.BatchNorm3d`."""
+
+
+_RENORMS = {nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}
+
+
+@contextmanager
+def _replaying(modules: list[BatchRenorm], saved: dict, recomputing: bool):
+    for module in modules:
+        module.replay = (saved, recomputing)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.replay  # back to the class default: forward leaves no Python state behind (DDP)
+
+
+def renorm_checkpoint_contexts(module: nn.Module) -> tuple[Any, Any]:
+    """The `context_fn` result for `torch.utils.checkpoint` of a call into `module`: the recomputation in the
+    backward pass uses the running statistics of the original forward and does not update them again."""
+    modules = [m for m in module.modules() if isinstance(m, BatchRenorm)]
+    saved: dict = {}
+    return _replaying(modules, saved, False), _replaying(modules, saved, True)
+
+
+def renormalize_batch_norms(module: nn.Module, momentum: float | None = None) -> int:
+    """Replaces every `nn.BatchNorm2d` and `nn.BatchNorm3d` inside `module` by its `BatchRenorm` with the same
+    state (and `momentum` when given); returns how many."""
+    replaced = 0
+    for name, child in list(module.named_children()):
+        renorm_class = _RENORMS.get(type(child))
+        if renorm_class is not None:
+            renorm = renorm_class(
+                child.num_features, child.eps, child.momentum if momentum is None else momentum, child.affine,
+                child.track_running_stats, device=child.weight.device if child.affine else None,
+            )
+            renorm.load_state_dict(child.state_dict())
+            renorm.train(child.training)
+            setattr(module, name, renorm)
+            replaced += 1
+        else:
+            replaced += renormalize_batch_norms(child, momentum)
+    return replaced

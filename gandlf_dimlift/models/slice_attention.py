@@ -13,12 +13,10 @@ GaNDLF's 3D layout is `(B, C, X, Y, Z)`: `slice_axis: z` (the default) takes the
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -27,6 +25,7 @@ from gandlf_dimlift.lift import adapt_input_channels
 from gandlf_dimlift.lift.ops import channels_last
 from gandlf_dimlift.models import common
 from gandlf_dimlift.models.builder import Architecture
+from gandlf_dimlift.models.norms import renorm_checkpoint_contexts, renormalize_batch_norms
 from gandlf_dimlift.models.slice_pooling import POOLINGS, SlicePositionEncoding, make_pooling
 from gandlf_dimlift.models.slice_views import KEY, SLICE_AXES, VIEWS
 from gandlf_dimlift.options import ConfigError, Example, Option
@@ -58,90 +57,6 @@ class GreyToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.expand(-1, 3, *x.shape[2:])
-
-
-class BatchRenorm2d(nn.BatchNorm2d):
-    """Batch normalisation that trains with the running statistics it evaluates with (batch renormalisation).
-
-    Ioffe, "Batch Renormalization" (2017), with unbounded corrections: the forward pass normalises with the
-    running mean and variance in training as in evaluation, while the gradient is batch normalisation's (it flows
-    through the batch statistics). A slice encoder needs it: the slices of a batch come from one or two volumes, so
-    plain batch normalisation standardises every channel over one volume in training (erasing what differs between
-    volumes) but over all volumes in evaluation, and a model trained that way predicts differently in validation.
-    Parameters and buffers are `nn.BatchNorm2d`'s, so pretrained weights and checkpoints load unchanged, and the
-    evaluation output is identical to `nn.BatchNorm2d`'s.
-    """
-
-    # While a checkpointed forward runs: (statistics per module, whether this is the recomputation).
-    replay: tuple[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], bool] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.track_running_stats:
-            return super().forward(x)
-        self._check_input_dim(x)
-        recomputing = self.replay is not None and self.replay[1]
-        if recomputing:  # the backward pass recomputes a checkpointed forward: same statistics, no second update
-            running_mean, running_var = self.replay[0][self]
-        else:
-            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
-            if self.replay is not None:
-                self.replay[0][self] = (running_mean, running_var)
-        running_std = torch.sqrt(running_var + self.eps)
-        count = x.numel() // x.shape[1]
-        if count < 2:  # one value per channel: no batch statistics, so the running ones alone
-            normalized = (x - running_mean[:, None, None]) / running_std[:, None, None]
-            return normalized * self.weight[:, None, None] + self.bias[:, None, None]
-        with torch.no_grad():
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-            # (x - mean) / std * r + d with r = std / running_std and d = (mean - running_mean) / running_std held
-            # constant: forward value (x - running_mean) / running_std, gradient through the batch statistics.
-            r = torch.sqrt(var + self.eps) / running_std
-            d = (mean - running_mean) / running_std
-            if not recomputing:
-                self.num_batches_tracked += 1
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
-        # torch's fused batch norm in training mode (one kernel forward and backward, where the expression above
-        # spelt out costs several passes over the activations) with the corrections folded into its affine terms
-        return F.batch_norm(x, None, None, self.weight * r, self.bias + self.weight * d, True, 0.0, self.eps)
-
-
-@contextmanager
-def _replaying(modules: list[BatchRenorm2d], saved: dict, recomputing: bool):
-    for module in modules:
-        module.replay = (saved, recomputing)
-    try:
-        yield
-    finally:
-        for module in modules:
-            del module.replay  # back to the class default: forward leaves no Python state behind (DDP)
-
-
-def renorm_checkpoint_contexts(module: nn.Module) -> tuple[Any, Any]:
-    """The `context_fn` result for `torch.utils.checkpoint` of a call into `module`: the recomputation in the
-    backward pass uses the running statistics of the original forward and does not update them again."""
-    modules = [m for m in module.modules() if isinstance(m, BatchRenorm2d)]
-    saved: dict = {}
-    return _replaying(modules, saved, False), _replaying(modules, saved, True)
-
-
-def renormalize_batch_norms(module: nn.Module) -> int:
-    """Replaces every `nn.BatchNorm2d` inside `module` by a `BatchRenorm2d` with the same state; returns how many."""
-    replaced = 0
-    for name, child in list(module.named_children()):
-        if type(child) is nn.BatchNorm2d:
-            renorm = BatchRenorm2d(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
-                device=child.weight.device if child.affine else None,
-            )
-            renorm.load_state_dict(child.state_dict())
-            renorm.train(child.training)
-            setattr(module, name, renorm)
-            replaced += 1
-        else:
-            replaced += renormalize_batch_norms(child)
-    return replaced
 
 
 class ImageNetNormalize(nn.Module):
