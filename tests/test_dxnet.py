@@ -12,6 +12,7 @@ from torch import nn
 
 from gandlf_dimlift.models import dxnet
 from gandlf_dimlift.models.dxnet import DXNET, OMNIANET
+from gandlf_dimlift.models.norms import BatchRenorm, BatchRenorm3d
 from gandlf_dimlift.options import ConfigError
 from gandlf_dimlift.weights import WeightsError
 
@@ -416,19 +417,31 @@ def _head_inputs_of_two_inputs(model, batch: int) -> list[torch.Tensor]:
     return pooled
 
 
-def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_size_one():
+def _trained_statistics(tmp_path: Path, encoder_depth: int, problem_type: str = "classification", **options) -> dict:
+    """DX-Net's parameters started from a 2D Omnia-Net checkpoint: trained running statistics, so the encoder keeps
+    plain batch norms (a random start renormalises them)."""
+    run = tmp_path / f"omnianet_{problem_type}_{encoder_depth}"
+    if not run.exists():
+        omnianet = OMNIANET(parameters=parameters("dimlift_omnianet", problem_type=problem_type, patch_size=(32, 32),
+                                                  encoder_depth=encoder_depth, **options))
+        save_gandlf_checkpoint(omnianet, run, "dimlift_omnianet", 2)
+    return parameters(problem_type=problem_type, encoder_depth=encoder_depth,
+                      pretrained=str(run / "dimlift_omnianet_best.pth.tar"), **options)
+
+
+def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_size_one(tmp_path):
     """Past EfficientNet's stem every stage ends in batch norms with nothing after them: averaged over space, a
     batch of one sample gives the head those norms' biases whatever the input; their maximum (the default) varies."""
-    deep = parameters(problem_type="classification", encoder_depth=3, dropout=0.0)
-    deep_avg = parameters(problem_type="classification", encoder_depth=3, dropout=0.0, pooling="avg")
+    deep_avg = _trained_statistics(tmp_path, 3, dropout=0.0, pooling="avg")
     averaged = _head_inputs_of_two_inputs(DXNET(parameters={**deep_avg, "batch_size": 2}).train(), 1)
     assert torch.allclose(*averaged, atol=1e-5), "the head's input depends on a batch-of-one input"
     fix = r"model.pooling: max over deepest features of more than one voxel.*batch_size >= 2"
     with pytest.raises(ConfigError, match=r"cannot learn classification with batch_size: 1.*" + fix):
         DXNET(parameters={**deep_avg, "batch_size": 1})
     with pytest.raises(ConfigError, match="cannot learn regression"):
-        OMNIANET(parameters={**parameters("dimlift_omnianet", problem_type="regression", patch_size=(32, 32),
-                                          encoder_depth=2, n_classes=1, pooling="avg"), "batch_size": 1})
+        DXNET(parameters={**_trained_statistics(tmp_path, 3, "regression", n_classes=1, pooling="avg"),
+                          "batch_size": 1})
+    deep = _trained_statistics(tmp_path, 3, dropout=0.0)
     maximum = _head_inputs_of_two_inputs(DXNET(parameters={**deep, "batch_size": 1}).train(), 1)
     assert not torch.allclose(*maximum, atol=1e-3), "max pooling gave the head the same input for two inputs"
     # at a 1-voxel bottleneck (depth 5 at 32^3) the maximum is the average: refused as before
@@ -439,29 +452,51 @@ def test_a_classifier_whose_head_gets_only_norm_biases_is_refused_with_batch_siz
     assert stem(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
 
 
-def test_a_classifier_whose_pair_reaches_the_head_mirrored_is_warned_about_at_batch_size_two(caplog):
+def test_a_classifier_whose_pair_reaches_the_head_mirrored_is_warned_about_at_batch_size_two(tmp_path, caplog):
     # depth 5 at 32^3: a 1-voxel bottleneck, where max pooling is the average
-    model = DXNET(parameters=parameters(problem_type="classification", dropout=0.0)).train()
-    pooled = _head_inputs_of_two_inputs(model, 2)
+    paper = _trained_statistics(tmp_path, 5, dropout=0.0)
+    pooled = _head_inputs_of_two_inputs(DXNET(parameters=paper).train(), 2)
     assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
     assert torch.allclose(pooled[0].sum(0), pooled[1].sum(0), atol=1e-4), "the pair's head inputs are no mirror"
     with caplog.at_level("WARNING"):
-        DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 2})
+        DXNET(parameters={**paper, "batch_size": 2})
     assert "with batch_size: 2 this classification model tells the two samples" in caplog.text
     assert "model.pooling: max over deepest features of more than one voxel" in caplog.text
     caplog.clear()
-    deeper = parameters(problem_type="classification", encoder_depth=3, dropout=0.0)
+    deeper = _trained_statistics(tmp_path, 3, dropout=0.0)
     maximum = _head_inputs_of_two_inputs(DXNET(parameters=deeper).train(), 2)
     assert not torch.allclose(maximum[0].sum(0), maximum[1].sum(0), atol=1e-3), "max pooling left a mirror"
     with caplog.at_level("WARNING"):
-        DXNET(parameters={**parameters(problem_type="classification"), "batch_size": 4})
-        DXNET(parameters={**parameters(problem_type="classification", encoder_depth=1), "batch_size": 2})
+        DXNET(parameters={**paper, "batch_size": 4})
+        DXNET(parameters={**_trained_statistics(tmp_path, 1), "batch_size": 2})
         DXNET(parameters={**deeper, "batch_size": 2})
     assert "batch_size: 2" not in caplog.text
     with caplog.at_level("WARNING"):
-        DXNET(parameters={**parameters(problem_type="classification", encoder_depth=3, pooling="avg"),
-                          "batch_size": 2})
+        DXNET(parameters={**_trained_statistics(tmp_path, 3, pooling="avg"), "batch_size": 2})
     assert "with batch_size: 2 this classification model" in caplog.text
+
+
+def test_a_random_start_trains_its_encoder_with_the_running_statistics_it_evaluates_with(tmp_path):
+    """From random weights the encoder's batch norms are renormalised (momentum 0.1): in training a volume's
+    features do not depend on the other volume of its batch and equal the evaluation features, so even an
+    averaged head is not refused at batch_size 1. A checkpoint's trained statistics keep plain batch norms."""
+    options = {"problem_type": "classification", "encoder_depth": 3, "pooling": "avg"}
+    model = DXNET(parameters={**parameters(**options), "batch_size": 1}).eval()
+    norms = [m for m in model.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is BatchRenorm3d and m.momentum == 0.1 for m in norms)
+    x = torch.randn(2, 1, 32, 32, 32)
+    x[0, :, 8:16, 8:16, 8:16] += 2.0
+    for module in norms:  # only the norms in training mode (no drop connect): statistics away from 0 and 1
+        module.train()
+    with torch.no_grad():
+        model(x)
+        for module in norms:
+            module.momentum = 0.0  # compare at fixed running statistics
+        together, alone = model.encoder(x)[-1], torch.cat([model.encoder(x[i : i + 1])[-1] for i in range(2)])
+        evaluated = model.eval().encoder(x)[-1]
+    assert torch.allclose(together, alone, atol=1e-4) and torch.allclose(together, evaluated, atol=1e-4)
+    trained = DXNET(parameters=_trained_statistics(tmp_path, 3))
+    assert not [m for m in trained.modules() if isinstance(m, BatchRenorm)]
 
 
 def test_encoder_depth_shrinks_the_u_net_with_the_papers_finest_decoder_widths():

@@ -99,28 +99,31 @@ def test_bad_configs_stop_before_training_with_the_fix_on_the_console(tmp_path, 
 
 @pytest.mark.slow
 def test_a_classifier_whose_head_would_get_a_constant_stops_before_training_and_a_mirrored_pair_is_told(tmp_path):
-    """DX-Net's EfficientNet blocks end in batch norms with no nonlinearity after them: at batch_size 1 the averaged
-    features in training are the norms' biases, so the run is refused (GaNDLF's own flows train at batch 1); at
-    batch_size 2 the two samples reach the head mirrored about them, which the run says and trains anyway. Each
-    message names the fix, max pooling (the default), with which batch_size 1 trains."""
+    """An EfficientNet encoder's blocks end in batch norms with no nonlinearity after them: averaged over space, at
+    batch_size 1 the features in training are the norms' biases, so the run is refused (GaNDLF's own flows train at
+    batch 1); at batch_size 2 the two samples reach the head mirrored about them, which the run says and trains
+    anyway. Each message names the fix, max pooling. DX-Net from random weights trains its encoder with the running
+    statistics instead, so it trains at batch_size 1 even averaged, and says so."""
     csv = write_dataset(tmp_path / "data", "classification", n_subjects=4)
-    options = {"pretrained": False, "encoder_depth": 3, "pooling": "avg"}
-    result = run_gandlf(make_config("dimlift_dxnet", "classification", model_options=options), csv,
+    options = {"pretrained": False, "encoder_name": "efficientnet-b0", "encoder_depth": 3, "pooling": "avg"}
+    result = run_gandlf(make_config("dimlift_smp", "classification", model_options=options), csv,
                         tmp_path / "model", check=False)
     assert result.returncode != 0 and "Epoch 0" not in result.stdout
-    assert "dimlift_dxnet cannot learn classification with batch_size: 1" in " ".join(result.stdout.split()), (
+    assert "dimlift_smp cannot learn classification with batch_size: 1" in " ".join(result.stdout.split()), (
         result.stdout[-3000:])
     assert not list((tmp_path / "model").glob("*.pth.tar"))
-    result = run_gandlf(make_config("dimlift_dxnet", "classification", model_options=options, batch_size=2), csv,
+    result = run_gandlf(make_config("dimlift_smp", "classification", model_options=options, batch_size=2), csv,
                         tmp_path / "model2")
-    told = "dimlift_dxnet: with batch_size: 2 this classification model tells the two samples of a training batch"
+    told = "dimlift_smp: with batch_size: 2 this classification model tells the two samples of a training batch"
     assert told in " ".join(result.stdout.split()), result.stdout[-3000:]
     log = Path(re.search(r"The logs are saved in (\S+\.log)", result.stdout).group(1))
     assert told in " ".join(log.read_text().split())
     assert "model.pooling: max over deepest features of more than one voxel" in " ".join(result.stdout.split())
     assert list((tmp_path / "model2").glob("*.pth.tar"))
-    options.pop("pooling")
-    result = run_gandlf(make_config("dimlift_dxnet", "classification", model_options=options), csv,
+    dxnet = {"pretrained": False, "encoder_depth": 3, "pooling": "avg"}
+    result = run_gandlf(make_config("dimlift_dxnet", "classification", model_options=dxnet), csv,
                         tmp_path / "model3")
     assert "cannot learn" not in result.stdout and "batch_size: 2" not in result.stdout
+    said = "dimlift_dxnet: random start: the encoder's 15 batch norms train with their running statistics"
+    assert said in " ".join(result.stdout.split()), result.stdout[-3000:]
     assert list((tmp_path / "model3").glob("*.pth.tar"))
