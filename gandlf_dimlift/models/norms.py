@@ -16,6 +16,10 @@ torch then fails in the middle of an epoch. Two rules make that predictable:
   constant output that cannot learn. With `batch_size: 1` such a config is refused; with 2, whose two samples then
   reach the head as the biases plus and minus the same features, it is warned about. Both name the fix: max
   pooling (DX-Net's default) over deepest features of more than one voxel.
+
+`BatchRenorm` (`BatchRenorm2d`, `BatchRenorm3d`, `renormalize_batch_norms`) trains with the running statistics that
+evaluation uses, for encoders whose training batches hold too few volumes to stand for all of them: slice
+attention's, and DX-Net's and Omnia-Net's when they start from random weights.
 """
 
 from __future__ import annotations
