@@ -107,6 +107,10 @@ def ddp_config(tmp_path: Path, architecture: str, model_options: dict) -> tuple[
     # Top-level keys GaNDLF 0.1.5 passes to lightning.Trainer. save_output off: validation outputs are written
     # by rank 0 only.
     config.update(accelerator="cpu", strategy="ddp", devices=2, save_output=False)
+    # GaNDLF's data module forks one DataLoader worker per rank by default; forked from a rank that already runs
+    # threads, a worker once hung in the fork itself (py-spy: rank 1's worker in popen_fork, 20 min, a CI rehearsal
+    # on 2026-12-04). Loading in the rank's own process avoids the fork; DDP's gradient sync is what is tested.
+    config.update(num_workers_dataloader=0, prefetch_factor_dataloader=None)
     return csv, write_config(config, tmp_path / "config.yaml")
 
 
