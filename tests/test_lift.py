@@ -275,6 +275,16 @@ def test_lifted_batchnorm_keeps_running_stats() -> None:
     assert torch.equal(lifted[1].running_mean, bn.running_mean) and lifted[1].num_batches_tracked == 7
 
 
+def test_a_renormalised_batchnorm_lifts_to_a_renormalised_one() -> None:
+    from gandlf_dimlift.models.norms import BatchRenorm2d, BatchRenorm3d
+
+    renorm = BatchRenorm2d(4, momentum=0.3)
+    renorm.running_var.uniform_(0.5, 2.0)
+    lifted = lift(nn.Sequential(nn.Conv2d(3, 4, 1), renorm), "acs")
+    assert type(lifted[1]) is BatchRenorm3d and lifted[1].momentum == 0.3
+    assert torch.equal(lifted[1].running_var, renorm.running_var)
+
+
 def test_lift_does_not_touch_the_2d_model() -> None:
     net = _conv_stack()
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -172,8 +172,7 @@ def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None, archi
                                   weights=weight_tag)
     model = DXNet(encoder, spec, decoder_channels=decoder_channels(options), dropout=options["dropout"],
                   pooling=options["pooling"], architecture=architecture)
-    if architecture == OMNIANET_KEY:  # DX-Net's encoder is renormalised once lifted (`_lift`)
-        renormalize_a_random_start(model, options)
+    renormalize_a_random_start(model, options)  # lifted with the model (`norms` registers BatchRenorm2d's lift)
     return model
 
 
@@ -243,10 +242,8 @@ def _lift(model_2d: DXNet, spec: ModelSpec, options: dict[str, Any]) -> DXNet:
         for index, stage in enumerate(model_2d.decoder.stages):
             kept = [""] if f"decoder.stages.{index}.up" in keep else []
             stage.up = lift(stage.up, mode="inflate", axis="z", keep_axis_resolution=kept, inplace=True)
-    model = lift(model_2d, mode=options["converter_type"], axis="z", keep_axis_resolution=keep,
-                 axis_padding=options["slice_padding"], inplace=True)
-    renormalize_a_random_start(model, options)
-    return model
+    return lift(model_2d, mode=options["converter_type"], axis="z", keep_axis_resolution=keep,
+                axis_padding=options["slice_padding"], inplace=True)
 
 
 def _encoder_stages(encoder: nn.Module, depth: int) -> list[nn.Module]:

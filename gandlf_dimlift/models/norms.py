@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gandlf_dimlift.lift.convert import register
+from gandlf_dimlift.lift.layers import lift_batchnorm
 from gandlf_dimlift.options import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -242,6 +244,12 @@ class BatchRenorm3d(BatchRenorm, nn.BatchNorm3d):
 
 
 _RENORMS = {nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}
+
+
+@register(f"{BatchRenorm2d.__module__}.{BatchRenorm2d.__qualname__}")
+def _lift_batch_renorm(m: BatchRenorm2d, spec, path: str) -> nn.Module:
+    """`lift`'s table entry: a renormalised 2D model lifts to a renormalised 3D one."""
+    return lift_batchnorm(m, spec, path, cls=BatchRenorm3d)
 
 
 @contextmanager
