@@ -86,7 +86,8 @@ def test_architecture_contract(key, example):
 @pytest.mark.parametrize("key,example", list(_examples()))
 def test_weight_transfer(key, example, tmp_path):
     """One weights loader for every architecture: a GaNDLF checkpoint of the same model loads whole, and a state
-    dict of its encoder alone (as a pretrained 2D classifier is) loads the encoder and nothing else."""
+    dict of its encoder alone (as a pretrained 2D classifier is) loads the encoder and nothing else. The random
+    start that wrote them renormalised its encoder's batch norms (`norms.renormalize_a_random_start`)."""
     from GANDLF.models import get_model
 
     from gandlf_dimlift.registry import registered
@@ -102,6 +103,9 @@ def test_weight_transfer(key, example, tmp_path):
     torch.save({"model_state_dict": source.state_dict(),
                 "parameters": {"model": {"architecture": key, "dimension": example.dimension}}}, checkpoint)
     encoder_path = architecture.parts(source).encoder
+    plain = [name for name, module in source.get_submodule(encoder_path).named_modules()
+             if type(module) in (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)]  # exact: BatchRenorm subclasses them
+    assert not plain, f"a random start's encoder trains its batch norms with their running statistics: {plain[:3]}"
     encoder_file = tmp_path / "encoder.pth"
     torch.save(source.get_submodule(encoder_path).state_dict(), encoder_file)
 

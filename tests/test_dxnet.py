@@ -12,7 +12,7 @@ from torch import nn
 
 from gandlf_dimlift.models import dxnet
 from gandlf_dimlift.models.dxnet import DXNET, OMNIANET
-from gandlf_dimlift.models.norms import BatchRenorm, BatchRenorm3d
+from gandlf_dimlift.models.norms import BatchRenorm, BatchRenorm3d, BatchRenormAct3d
 from gandlf_dimlift.options import ConfigError
 from gandlf_dimlift.weights import WeightsError
 
@@ -476,14 +476,19 @@ def test_a_classifier_whose_pair_reaches_the_head_mirrored_is_warned_about_at_ba
     assert "with batch_size: 2 this classification model" in caplog.text
 
 
-def test_a_random_start_trains_its_encoder_with_the_running_statistics_it_evaluates_with(tmp_path):
-    """From random weights the encoder's batch norms are renormalised (momentum 0.1): in training a volume's
-    features do not depend on the other volume of its batch and equal the evaluation features, so even an
-    averaged head is not refused at batch_size 1. A checkpoint's trained statistics keep plain batch norms."""
-    options = {"problem_type": "classification", "encoder_depth": 3, "pooling": "avg"}
+@pytest.mark.parametrize("family", dxnet.ENCODER_FAMILIES)
+def test_a_random_start_trains_its_encoder_with_the_running_statistics_it_evaluates_with(family, tmp_path):
+    """From random weights the encoder's batch norms (timm's norm-and-activation layers too) are renormalised
+    (momentum 0.1): in training a volume's features do not depend on the other volume of its batch and equal the
+    evaluation features, so even an averaged head is not refused at batch_size 1. A checkpoint's trained
+    statistics keep plain batch norms."""
+    options = {"problem_type": "classification", "encoder_depth": 3, "pooling": "avg", "encoder_family": family}
     model = DXNET(parameters={**parameters(**options), "batch_size": 1}).eval()
     norms = [m for m in model.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(type(m) is BatchRenorm3d and m.momentum == 0.1 for m in norms)
+    renorms = (BatchRenorm3d,) if family == "efficientnet" else (BatchRenorm3d, BatchRenormAct3d)
+    assert norms and all(type(m) in renorms and m.momentum == 0.1 for m in norms)
+    if family != "efficientnet":  # the activations timm's layers carry stay in place
+        assert any(type(m) is BatchRenormAct3d and isinstance(m.act, nn.SiLU) for m in norms)
     x = torch.randn(2, 1, 32, 32, 32)
     x[0, :, 8:16, 8:16, 8:16] += 2.0
     for module in norms:  # only the norms in training mode (no drop connect): statistics away from 0 and 1

@@ -276,13 +276,24 @@ def test_lifted_batchnorm_keeps_running_stats() -> None:
 
 
 def test_a_renormalised_batchnorm_lifts_to_a_renormalised_one() -> None:
-    from gandlf_dimlift.models.norms import BatchRenorm2d, BatchRenorm3d
+    from timm.layers.norm_act import BatchNormAct2d
 
-    renorm = BatchRenorm2d(4, momentum=0.3)
-    renorm.running_var.uniform_(0.5, 2.0)
-    lifted = lift(nn.Sequential(nn.Conv2d(3, 4, 1), renorm), "acs")
-    assert type(lifted[1]) is BatchRenorm3d and lifted[1].momentum == 0.3
-    assert torch.equal(lifted[1].running_var, renorm.running_var)
+    from gandlf_dimlift.models.norms import BatchRenorm3d, BatchRenormAct3d, renormalize_batch_norms
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=nn.SiLU))
+    for norm in (net[1], net[3]):
+        norm.running_var.uniform_(0.5, 2.0)
+    variances = [norm.running_var.clone() for norm in (net[1], net[3])]
+    assert renormalize_batch_norms(net, momentum=0.3) == 2
+    lifted = lift(net, "acs")
+    assert [type(lifted[1]), type(lifted[3])] == [BatchRenorm3d, BatchRenormAct3d]
+    assert lifted[1].momentum == lifted[3].momentum == 0.3 and isinstance(lifted[3].act, nn.SiLU)
+    assert torch.equal(lifted[1].running_var, variances[0]) and torch.equal(lifted[3].running_var, variances[1])
+    x = torch.randn(2, 4, 3, 5, 6)
+    with torch.no_grad():  # evaluation: the norm, then the activation, at the running statistics
+        expected = nn.functional.silu((x - lifted[3].running_mean.view(-1, 1, 1, 1)) / (
+            variances[1].view(-1, 1, 1, 1) + lifted[3].eps).sqrt())
+        assert torch.allclose(lifted[3].eval()(x), expected, atol=1e-5)
 
 
 def test_lift_does_not_touch_the_2d_model() -> None:

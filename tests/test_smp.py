@@ -35,6 +35,7 @@ def test_2d_gandlf_checkpoint_is_inflated_into_the_3d_model(tmp_path):
 
     # A long slice axis leaves interior slices beyond the reach of the zero padding at both ends.
     model_3d = build(3, patch=(32, 32, 224), pretrained=str(checkpoint), converter_type="inflate").eval()
+    assert type(model_3d.net.encoder.bn1) is torch.nn.BatchNorm3d  # a file's trained statistics: plain norms
     image = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         expected = model_2d(image)
@@ -75,6 +76,7 @@ def test_imagenet_tag_loads_a_file_placed_in_smps_cache(tmp_path, monkeypatch):
     reference = torchvision.models.resnet18().state_dict()
     torch.save(reference, cache / url.rsplit("/", 1)[1])
     model = build(3, "classification", pretrained="imagenet", converter_type="inflate")
+    assert type(model.net.encoder.bn1) is torch.nn.BatchNorm3d  # trained statistics: plain batch norms
     # One input channel: smp sums the RGB kernels of the first convolution; inflate divides by the kernel depth.
     first = model.net.encoder.conv1.weight
     expected = reference["conv1.weight"].sum(1, keepdim=True)

@@ -196,13 +196,14 @@ def lift_conv_transpose(m: nn.ConvTranspose2d, spec: LiftSpec, path: str) -> nn.
     return _like(new, m)
 
 
-def lift_batchnorm(m: nn.BatchNorm2d, spec: LiftSpec, path: str, cls: type[nn.BatchNorm3d] | None = None) -> nn.Module:
+def lift_batchnorm(m: nn.BatchNorm2d, spec: LiftSpec, path: str,
+                   cls: type[nn.BatchNorm3d] | None = None) -> nn.Module:
     """BatchNorm2d -> BatchNorm3d (timm's BatchNormAct2d -> :class:`BatchNormAct3d`; a registered subclass -> its
     `cls`), statistics kept."""
     if cls is None:
         cls = BatchNormAct3d if type(m) is not nn.BatchNorm2d else nn.BatchNorm3d
     new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-    if cls is BatchNormAct3d:
+    if hasattr(m, "act"):
         new.drop, new.act = m.drop, m.act
     new.load_state_dict(m.state_dict())
     return _like(new, m)

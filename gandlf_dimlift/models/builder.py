@@ -6,7 +6,8 @@ runs `build`:
 1. read GaNDLF's contract (`ModelSpec`: channels against the CSV, classes, final layer, patch) and validate the
    declared `model:` options;
 2. build the network in its 2D form (the twin that is lifted for `dimension: 3`, or the model itself when the
-   family does not lift) with the weights of a tag such as `imagenet`;
+   family does not lift) with the weights of a tag such as `imagenet`; from random weights, its encoder's batch
+   norms train with their running statistics (`norms.renormalize_a_random_start`);
 3. remove the modules whose parameters never get a gradient (smp keeps every encoder stage whatever the depth;
    DistributedDataParallel and the optimiser should not see them);
 4. load a 2D weights file, lift to 3D, load a 3D weights file (`weights.transfer`, one loader for every format);
@@ -33,6 +34,7 @@ from gandlf_dimlift.models.label_prior import start_at_label_prior
 from gandlf_dimlift.models.norms import (
     check_input_reaches_the_head,
     check_single_sample_batches,
+    renormalize_a_random_start,
     tolerate_single_sample_batches,
 )
 from gandlf_dimlift.options import GANDLF_MODEL_KEYS, PROBLEM_TYPES, ConfigError, Example, Option
@@ -143,6 +145,8 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
     lifts = spec.dimension == 3 and architecture.lift is not None
     make_spec = spec.planar() if lifts else spec
     model = architecture.make(make_spec, options, source.tag)
+    if source.tag is None and source.file is None and architecture.parts is not None:
+        renormalize_a_random_start(model.get_submodule(architecture.parts(model).encoder), key)
     probe = architecture.probe_shape(make_spec) if architecture.probe_shape else (
         1, make_spec.in_channels, *make_spec.patch_size)
     removed = remove_unused_modules(model, probe)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import logging
 from typing import Any
 
 import torch
@@ -29,11 +28,8 @@ from gandlf_dimlift.models.common import (
     check_input,
     layer,
 )
-from gandlf_dimlift.models.norms import renormalize_batch_norms
 from gandlf_dimlift.models.unet_decoder import ConvBlock, UNetDecoder
 from gandlf_dimlift.options import ConfigError, Example, Option
-
-logger = logging.getLogger(__name__)
 
 DXNET_KEY = "dimlift_dxnet"
 OMNIANET_KEY = "dimlift_omnianet"
@@ -172,28 +168,7 @@ def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None, archi
                                   weights=weight_tag)
     model = DXNet(encoder, spec, decoder_channels=decoder_channels(options), dropout=options["dropout"],
                   pooling=options["pooling"], architecture=architecture)
-    renormalize_a_random_start(model, options)  # lifted with the model (`norms` registers BatchRenorm2d's lift)
     return model
-
-
-#: The running statistics' momentum of a renormalised random start: torch's default (smp's efficientnet-* encoders
-#: keep TensorFlow's 0.01, which after the learning check's 36 steps has moved them 30% of the way from their initial
-#: 0 and 1; renormalised with statistics that far off, the classifier did not learn there: train accuracy 0.52).
-RANDOM_START_MOMENTUM = 0.1
-
-
-def renormalize_a_random_start(model: DXNet, options: dict[str, Any]) -> None:
-    """From random weights (`pretrained: false`), the encoder's batch norms train with their running statistics
-    (`norms.BatchRenorm`) at torch's momentum. At GaNDLF's small batch sizes plain batch norms normalise every
-    stage by the batch's few volumes in training but by the running statistics in evaluation, and EfficientNet
-    renormalises at every stage with no residual path across stages: in the learning check (batch 2, 8 gandlf_run
-    trainings) the classifier reached train accuracy 0.97 but validation accuracy 0.56 in evaluation mode;
-    renormalised, 0.97 and 0.91 (docs/dxnet.md). Pretrained weights keep plain batch norms with their trained
-    statistics, as the paper fine-tunes them; smp's timm-efficientnet-* norms (timm's BatchNormAct) stay plain."""
-    if weights.parse_pretrained(options["pretrained"]) is None:
-        renormalized = renormalize_batch_norms(model.encoder, momentum=RANDOM_START_MOMENTUM)
-        logger.info("%s: random start: the encoder's %d batch norms train with their running statistics (batch "
-                    "renormalisation, momentum %s).", model.architecture, renormalized, RANDOM_START_MOMENTUM)
 
 
 def check(spec: ModelSpec, options: dict[str, Any], architecture: str) -> None:
