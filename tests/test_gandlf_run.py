@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import gandlf_env, inference_outputs, run_gandlf
 
 from gandlf_dimlift.synthetic import make_config, write_dataset
@@ -102,10 +103,18 @@ def test_a_classifier_whose_head_would_get_a_constant_stops_before_training_and_
     """An EfficientNet encoder's blocks end in batch norms with no nonlinearity after them: averaged over space, at
     batch_size 1 the features in training are the norms' biases, so the run is refused (GaNDLF's own flows train at
     batch 1); at batch_size 2 the two samples reach the head mirrored about them, which the run says and trains
-    anyway. Each message names the fix, max pooling. DX-Net from random weights trains its encoder with the running
-    statistics instead, so it trains at batch_size 1 even averaged, and says so."""
+    anyway. Each message names the fix, max pooling. Weights from a file keep such plain batch norms; from random
+    weights the encoder trains with the running statistics instead, so DX-Net trains at batch_size 1 even
+    averaged, and says so."""
+    from GANDLF.models import get_model
+
     csv = write_dataset(tmp_path / "data", "classification", n_subjects=4)
     options = {"pretrained": False, "encoder_name": "efficientnet-b0", "encoder_depth": 3, "pooling": "avg"}
+    model = get_model({"model": {"architecture": "dimlift_smp", "dimension": 3, "num_channels": 1, "class_list": [0, 1],
+                                 "final_layer": "softmax", "norm_type": "batch", **options},
+                       "patch_size": [32, 32, 32], "problem_type": "classification", "batch_size": 2})
+    torch.save(model.net.encoder.state_dict(), tmp_path / "encoder.pth")
+    options["pretrained"] = str(tmp_path / "encoder.pth")
     result = run_gandlf(make_config("dimlift_smp", "classification", model_options=options), csv,
                         tmp_path / "model", check=False)
     assert result.returncode != 0 and "Epoch 0" not in result.stdout

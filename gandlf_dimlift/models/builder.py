@@ -6,11 +6,12 @@ runs `build`:
 1. read GaNDLF's contract (`ModelSpec`: channels against the CSV, classes, final layer, patch) and validate the
    declared `model:` options;
 2. build the network in its 2D form (the twin that is lifted for `dimension: 3`, or the model itself when the
-   family does not lift) with the weights of a tag such as `imagenet`; from random weights, its encoder's batch
-   norms train with their running statistics (`norms.renormalize_a_random_start`);
+   family does not lift) with the weights of a tag such as `imagenet`;
 3. remove the modules whose parameters never get a gradient (smp keeps every encoder stage whatever the depth;
    DistributedDataParallel and the optimiser should not see them);
 4. load a 2D weights file, lift to 3D, load a 3D weights file (`weights.transfer`, one loader for every format);
+   from random weights instead, the encoder's batch norms train with their running statistics
+   (`norms.renormalize_a_random_start`);
 5. start a segmentation output that no file gave at the training labels' class shares (`label_prior`);
 6. refuse a batch size that leaves a batch norm one value per channel, or a classifier's head a constant input,
    and let an epoch's last batch of one sample through (GaNDLF does not drop it);
@@ -145,8 +146,6 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
     lifts = spec.dimension == 3 and architecture.lift is not None
     make_spec = spec.planar() if lifts else spec
     model = architecture.make(make_spec, options, source.tag)
-    if source.tag is None and source.file is None and architecture.parts is not None:
-        renormalize_a_random_start(model.get_submodule(architecture.parts(model).encoder), key)
     probe = architecture.probe_shape(make_spec) if architecture.probe_shape else (
         1, make_spec.in_channels, *make_spec.patch_size)
     removed = remove_unused_modules(model, probe)
@@ -161,6 +160,8 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
         model = architecture.lift(model, spec, options)
     if source.dimension == 3:
         transferred = weights.transfer(model, source, architecture.parts(model), key, accepts)
+    if source.tag is None and source.file is None and architecture.parts is not None:
+        renormalize_a_random_start(model.get_submodule(architecture.parts(model).encoder), key)
     if spec.problem_type == "segmentation" and architecture.parts and not weights.loaded_output_layer(transferred):
         start_at_label_prior(model, architecture.parts(model).head, spec, parameters, key)
     # GaNDLF accepts only batch and instance for these architectures; an encoder keeps its pretrained norms
