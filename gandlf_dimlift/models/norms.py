@@ -17,9 +17,10 @@ torch then fails in the middle of an epoch. Two rules make that predictable:
   reach the head as the biases plus and minus the same features, it is warned about. Both name the fix: max
   pooling (DX-Net's default) over deepest features of more than one voxel.
 
-`BatchRenorm` (`BatchRenorm2d`, `BatchRenorm3d`, `renormalize_batch_norms`) trains with the running statistics that
-evaluation uses, for encoders whose training batches hold too few volumes to stand for all of them: slice
-attention's, and DX-Net's and Omnia-Net's when they start from random weights.
+`BatchRenorm` (`BatchRenorm2d`, `BatchRenorm3d`, their timm norm-and-activation twins, `renormalize_batch_norms`)
+trains with the running statistics that evaluation uses, for encoders whose training batches hold too few volumes to
+stand for all of them: slice attention's, and every plugin encoder that starts from random weights
+(`renormalize_a_random_start`, called by the builder), whose first training batch sets the running statistics.
 """
 
 from __future__ import annotations
@@ -203,20 +204,28 @@ class BatchRenorm:
 
     # While a checkpointed forward runs: (statistics per module, whether this is the recomputation).
     replay: tuple[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], bool] | None = None
+    # A random start's running statistics (0 and 1) are nothing like its features': the first training batch's
+    # statistics replace them, so that step normalises as batch normalisation does (`renormalize_a_random_start`).
+    start_from_first_batch: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not self.training or not self.track_running_stats:
             return super().forward(x)
         self._check_input_dim(x)
         recomputing = self.replay is not None and self.replay[1]
+        count = x.numel() // x.shape[1]
         if recomputing:  # the backward pass recomputes a checkpointed forward: same statistics, no second update
             running_mean, running_var = self.replay[0][self]
         else:
+            if self.start_from_first_batch and not self.num_batches_tracked and count > 1:
+                with torch.no_grad():
+                    var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), unbiased=True)
+                    self.running_mean.copy_(mean)
+                    self.running_var.copy_(var)
             running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
             if self.replay is not None:
                 self.replay[0][self] = (running_mean, running_var)
         running_std = torch.sqrt(running_var + self.eps)
-        count = x.numel() // x.shape[1]
         if count < 2:  # one value per channel: no batch statistics, so the running ones alone
             per_channel = (-1,) + (1,) * (x.dim() - 2)
             normalized = (x - running_mean.view(per_channel)) / running_std.view(per_channel)
@@ -268,7 +277,9 @@ _LIFTED_RENORMS = {BatchRenorm2d: BatchRenorm3d, BatchRenormAct2d: BatchRenormAc
 @register(*(f"{renorm.__module__}.{renorm.__qualname__}" for renorm in _LIFTED_RENORMS))
 def _lift_batch_renorm(m: BatchRenorm2d, spec, path: str) -> nn.Module:
     """`lift`'s table entry: a renormalised 2D model lifts to a renormalised 3D one."""
-    return lift_batchnorm(m, spec, path, cls=_LIFTED_RENORMS[type(m)])
+    lifted = lift_batchnorm(m, spec, path, cls=_LIFTED_RENORMS[type(m)])
+    lifted.start_from_first_batch = m.start_from_first_batch
+    return lifted
 
 
 @contextmanager
@@ -290,9 +301,11 @@ def renorm_checkpoint_contexts(module: nn.Module) -> tuple[Any, Any]:
     return _replaying(modules, saved, False), _replaying(modules, saved, True)
 
 
-def renormalize_batch_norms(module: nn.Module, momentum: float | None = None) -> int:
+def renormalize_batch_norms(module: nn.Module, momentum: float | None = None,
+                            start_from_first_batch: bool = False) -> int:
     """Replaces every `nn.BatchNorm2d` and `nn.BatchNorm3d` (and timm's `BatchNormAct2d`, `BatchNormAct3d`) inside
-    `module` by its `BatchRenorm` with the same state (and `momentum` when given); returns how many."""
+    `module` by its `BatchRenorm` with the same state (and `momentum`, `start_from_first_batch` when given);
+    returns how many."""
     replaced = 0
     for name, child in list(module.named_children()):
         renorm_class = _RENORMS.get(type(child))
@@ -304,11 +317,12 @@ def renormalize_batch_norms(module: nn.Module, momentum: float | None = None) ->
             if isinstance(renorm, _ThenAct):
                 renorm.drop, renorm.act = child.drop, child.act
             renorm.load_state_dict(child.state_dict())
+            renorm.start_from_first_batch = start_from_first_batch
             renorm.train(child.training)
             setattr(module, name, renorm)
             replaced += 1
         else:
-            replaced += renormalize_batch_norms(child, momentum)
+            replaced += renormalize_batch_norms(child, momentum, start_from_first_batch)
     return replaced
 
 
@@ -325,9 +339,10 @@ def renormalize_a_random_start(encoder: nn.Module, architecture: str) -> None:
     learning check (batch 2, 8 gandlf_run trainings each, docs/conformance.md): DX-Net's classifier, whose
     EfficientNet renormalises at every stage with no residual path across stages, reached train accuracy 0.97 but
     validation accuracy 0.56; renormalised, 0.97 and 0.91. smp's resnet18 classifier went from train accuracy
-    0.97 to 1.00. Weights from a tag or a file keep plain batch norms with their trained statistics, as the papers
-    fine-tune them."""
-    renormalized = renormalize_batch_norms(encoder, momentum=RANDOM_START_MOMENTUM)
+    0.97 to 1.00. The first training batch sets the running statistics (0 and 1 are nothing like a random
+    encoder's features): from 0 and 1, DX-Net's classifier rose slowly and ended at 0.95 (docs/dxnet.md). Weights
+    from a tag or a file keep plain batch norms with their trained statistics, as the papers fine-tune them."""
+    renormalized = renormalize_batch_norms(encoder, momentum=RANDOM_START_MOMENTUM, start_from_first_batch=True)
     if renormalized:
         logger.info("%s: random start: the encoder's %d batch norms train with their running statistics (batch "
                     "renormalisation, momentum %s).", architecture, renormalized, RANDOM_START_MOMENTUM)
