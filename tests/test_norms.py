@@ -10,8 +10,8 @@ from gandlf_dimlift.models.norms import BatchRenorm3d, renormalize_a_random_star
 
 def test_a_random_starts_first_training_batch_sets_the_running_statistics():
     """A random start's running statistics (0 and 1) are replaced by its first training batch's, which that batch
-    is normalised with; later batches update them at the momentum. Renormalised norms without the flag (slice
-    attention's, whatever its weights) keep the statistics they have."""
+    is normalised with (from 8 values per channel on); later batches update them at the momentum. Renormalised
+    norms without the flag (slice attention's, whatever its weights) keep the statistics they have."""
     encoder = nn.Sequential(nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4))
     renormalize_a_random_start(encoder, "test")
     assert type(encoder[1]) is BatchRenorm3d and encoder[1].momentum == 0.1
@@ -25,6 +25,12 @@ def test_a_random_starts_first_training_batch_sets_the_running_statistics():
     with torch.no_grad():
         encoder[1](x + 10)
     assert torch.allclose(encoder[1].running_mean, mean + 1.0, atol=1e-5)  # a tenth of the way to mean + 10
+
+    few = nn.Sequential(nn.BatchNorm3d(4))
+    renormalize_a_random_start(few, "test")
+    with torch.no_grad():  # 2 values per channel: too few to start from; the statistics move at the momentum
+        few(torch.full((2, 4, 1, 1, 1), 10.0))
+    assert torch.allclose(few[0].running_mean, torch.full((4,), 1.0))
 
     plain = nn.Sequential(nn.BatchNorm3d(4))
     renormalize_batch_norms(plain)

@@ -190,6 +190,13 @@ def check_input_reaches_the_head(model: nn.Module, spec, batch_size: int | None,
 # Batch renormalisation: training with the running statistics that evaluation uses.
 
 
+#: Values per channel a first batch needs to start a random start's running statistics: a variance of fewer (a deep
+#: stage of a small patch at batch 1 or 2) is too noisy to start from. From 2 values, a running standard deviation
+#: near 0 made the DDP test's examples overflow to NaN after one SGD step. The learning check's first batches hold
+#: at least 8 (Omnia-Net's 2 x 2 bottleneck at batch 2).
+FIRST_BATCH_MIN_VALUES = 8
+
+
 class BatchRenorm:
     """Batch normalisation that trains with the running statistics it evaluates with (batch renormalisation).
 
@@ -205,7 +212,8 @@ class BatchRenorm:
     # While a checkpointed forward runs: (statistics per module, whether this is the recomputation).
     replay: tuple[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], bool] | None = None
     # A random start's running statistics (0 and 1) are nothing like its features': the first training batch's
-    # statistics replace them, so that step normalises as batch normalisation does (`renormalize_a_random_start`).
+    # statistics replace them, so that step normalises as batch normalisation does (`renormalize_a_random_start`;
+    # from FIRST_BATCH_MIN_VALUES values per channel on).
     start_from_first_batch: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -217,7 +225,7 @@ class BatchRenorm:
         if recomputing:  # the backward pass recomputes a checkpointed forward: same statistics, no second update
             running_mean, running_var = self.replay[0][self]
         else:
-            if self.start_from_first_batch and not self.num_batches_tracked and count > 1:
+            if self.start_from_first_batch and not self.num_batches_tracked and count >= FIRST_BATCH_MIN_VALUES:
                 with torch.no_grad():
                     var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), unbiased=True)
                     self.running_mean.copy_(mean)
