@@ -166,9 +166,8 @@ def make(spec: ModelSpec, options: dict[str, Any], weight_tag: str | None, archi
         _check_weight_tag(name, weight_tag)
     encoder = weights.smp_encoder(name, in_channels=spec.in_channels, depth=options["encoder_depth"],
                                   weights=weight_tag)
-    model = DXNet(encoder, spec, decoder_channels=decoder_channels(options), dropout=options["dropout"],
-                  pooling=options["pooling"], architecture=architecture)
-    return model
+    return DXNet(encoder, spec, decoder_channels=decoder_channels(options), dropout=options["dropout"],
+                 pooling=options["pooling"], architecture=architecture)
 
 
 def check(spec: ModelSpec, options: dict[str, Any], architecture: str) -> None:
