@@ -370,7 +370,7 @@ def run_learning(architecture: str, check: str, work: Path) -> dict[str, Any]:
     from gandlf_dimlift.synthetic import make_config, write_config, write_dataset
 
     spec = LEARNING[check]
-    data = work.parent / "data"
+    data = work.parent / f"data_{check}"  # shared by the check's rows, which the sweep keeps under one folder
     if not data.exists():
         write_dataset(data, spec.task, n_subjects=spec.subjects, shape=spec.shape, seed=1)
     options = {"final_layer": spec.final_layer}
@@ -510,12 +510,13 @@ def render(data: dict) -> str:
     failures = [r for r in data["flows"] if r["status"] == "fail"]
     if failures:
         lines += ["", "Failures:", ""] + [f"- `{r['architecture']}` {r['flow']}: {r['message']}" for r in failures]
+    runs = sorted({len(r["runs"]) for r in data["learning"] if "runs" in r})
     lines += ["", "## Learning check", "",
               "Each row trains through `gandlf_run`, under the same config and on the same small synthetic set "
               "as GaNDLF's closest built-in (`LEARNING` in the script: ball present/absent for classification, "
               "ball masks for segmentation, random weights). The value is the last epoch's training metric, "
-              f"averaged over {REPEATS} runs (listed beside it; the curve is their mean per epoch; seconds per "
-              "run).", ""]
+              f"averaged over {' or '.join(map(str, runs))} runs (listed beside it; the curve is their mean per "
+              "epoch; seconds per run).", ""]
     checks = [c for c in LEARNING if any(r["check"] == c for r in data["learning"])]
     for check in checks:
         spec = LEARNING[check]
