@@ -50,11 +50,12 @@ def test_every_flow_passes_or_is_refused_before_training_with_the_fix():
 # Rows that learn but end behind GaNDLF's built-in within the check's budget: open work, stated in
 # docs/conformance.md and the README. They must still learn (end better than their first epoch), and a
 # row that catches up must leave this list.
-# GaNDLF's resnet18 ends a training subject short (0.92) in some of its own 8 runs too (the softmax row of the
-# committed sweep: 2 of 8); `--one learning dimlift_dxnet cls3d-logits-cel --repeats 8` reached 1.00 in all 8
-ONE_SUBJECT = "a training subject short in 2 of 8 runs (0.979 against 1.000): the check's run-to-run spread"
+# DX-Net's classifier: the dropout before its linear head (0.2 by default, as in GaNDLF's imagenet_unet) perturbs
+# the train-mode predictions that GaNDLF's train accuracy counts; resnet18 has none. `--one learning ARCH
+# cls3d-logits-cel --repeats 16`: DX-Net 0.979 (13 of 16 runs at 1.00), with dropout 0 1.000, resnet18 1.000.
+HEAD_DROPOUT = "a training subject short in 2 of 8 runs (0.979 against 1.000): the head's dropout"
 BEHIND = {
-    ("cls3d-logits-cel", "dimlift_dxnet"): ONE_SUBJECT,
+    ("cls3d-logits-cel", "dimlift_dxnet"): HEAD_DROPOUT,
 }
 
 
