@@ -385,7 +385,8 @@ def run_learning(architecture: str, check: str, work: Path) -> dict[str, Any]:
     config["save_output"] = False
     path = write_config(config, work / "config.yaml")
     row: dict[str, Any] = {"architecture": architecture, "check": check, "metric": spec.metric}
-    curves, start = [], time.time()
+    curves, held_out, start = [], [], time.time()
+    validation_metric = spec.metric.replace("train_", "val_", 1)
     for run in range(REPEATS):
         output = work / f"model_{run}"
         command = [str(Path(sys.executable).parent / "gandlf_run"), "-c", str(path), "-i",
@@ -398,9 +399,11 @@ def run_learning(architecture: str, check: str, work: Path) -> dict[str, Any]:
                        seconds=round(time.time() - start, 1))
             return row
         curves.append([float(r[spec.metric]) for r in csv.DictReader(logs.open())])
+        held_out.append(float(list(csv.DictReader((output / "logs_validation.csv").open()))[-1][validation_metric]))
     mean_curve = [sum(values) / len(values) for values in zip(*curves, strict=True)]
     row.update(status="pass", value=round(mean_curve[-1], 4), runs=[round(c[-1], 4) for c in curves],
-               curve=[round(v, 4) for v in mean_curve], seconds=round((time.time() - start) / REPEATS, 1))
+               curve=[round(v, 4) for v in mean_curve], validation=round(sum(held_out) / len(held_out), 4),
+               validation_runs=[round(v, 4) for v in held_out], seconds=round((time.time() - start) / REPEATS, 1))
     return row
 
 
@@ -475,6 +478,15 @@ def merged(table: dict, partial: dict) -> dict:
     return out
 
 
+def difference_interval(runs: list[float], reference: list[float], resamples: int = 10_000) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of mean(runs) - mean(reference), resampling each row's runs (seeded:
+    the rendered table is reproducible)."""
+    rng = np.random.default_rng(0)
+    means = [rng.choice(values, (resamples, len(values))).mean(1) for values in (runs, reference)]
+    low, high = np.percentile(means[0] - means[1], [2.5, 97.5])
+    return round(float(low), 3), round(float(high), 3)
+
+
 def _version(name: str) -> str:
     from importlib.metadata import version
 
@@ -516,24 +528,32 @@ def render(data: dict) -> str:
               "as GaNDLF's closest built-in (`LEARNING` in the script: ball present/absent for classification, "
               "ball masks for segmentation, random weights). The value is the last epoch's training metric, "
               f"averaged over {' or '.join(map(str, runs))} runs (listed beside it; the curve is their mean per "
-              "epoch; seconds per run).", ""]
+              "epoch; seconds per run), and its difference from the built-in's with a 95% bootstrap interval over the "
+              "runs. Beside it, not compared: the mean of the last epoch's validation metric on the quarter of the "
+              "subjects that each run holds out.", ""]
     checks = [c for c in LEARNING if any(r["check"] == c for r in data["learning"])]
     for check in checks:
         spec = LEARNING[check]
         lines += [f"**{check}** ({spec.task} {spec.dimension}D, {spec.subjects} subjects of "
                   f"{' x '.join(map(str, spec.shape))}, final_layer {spec.final_layer}, batch_size "
                   f"{spec.batch_size}, {spec.epochs} epochs, lr {spec.learning_rate}):", "",
-                  f"| architecture | {spec.metric} (last epoch) | runs | per epoch | seconds |",
-                  "|---|---|---|---|---|"]
+                  f"| architecture | {spec.metric} (last epoch) | runs | difference (95% interval) | per epoch | "
+                  "validation | seconds |", "|---|---|---|---|---|---|---|"]
         rows = [r for r in data["learning"] if r["check"] == check]
-        reference = next((r.get("value") for r in rows if r["architecture"] == spec.reference), None)
+        reference = next((r for r in rows if r["architecture"] == spec.reference and r["status"] == "pass"), None)
         for row in rows:
             value = f"{row['value']:.3f}" if row["status"] == "pass" else "**FAIL**"
-            if row["status"] == "pass" and reference is not None and row["value"] < reference:
-                value += f" (behind `{spec.reference}`)"
+            difference = "–"
+            if row["status"] == "pass" and reference is not None and row is not reference:
+                low, high = difference_interval(row["runs"], reference["runs"])
+                difference = f"{row['value'] - reference['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
+                if row["value"] < reference["value"]:
+                    value += f" (behind `{spec.reference}`)"
             curve = ", ".join(f"{v:.2f}" for v in row.get("curve", []))
             runs = ", ".join(f"{v:.2f}" for v in row.get("runs", []))
-            lines.append(f"| `{row['architecture']}` | {value} | {runs} | {curve} | {row.get('seconds', '')} |")
+            held_out = f"{row['validation']:.3f}" if "validation" in row else "–"
+            lines.append(f"| `{row['architecture']}` | {value} | {runs} | {difference} | {curve} | {held_out} | "
+                         f"{row.get('seconds', '')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -48,14 +48,18 @@ def test_every_flow_passes_or_is_refused_before_training_with_the_fix():
 
 
 # Rows that learn but end behind GaNDLF's built-in within the check's budget: open work, stated in
-# docs/conformance.md and the README. They must still learn (end better than their first epoch), and a
-# row that catches up must leave this list.
-# DX-Net's classifier: the dropout before its linear head (0.2 by default, as in GaNDLF's imagenet_unet) perturbs
-# the train-mode predictions that GaNDLF's train accuracy counts; resnet18 has none. `--one learning ARCH
-# cls3d-logits-cel --repeats 16`: DX-Net 0.979 (13 of 16 runs at 1.00), with dropout 0 1.000, resnet18 1.000.
-HEAD_DROPOUT = "a training subject short in 2 of 8 runs (0.979 against 1.000): the head's dropout"
+# docs/conformance.md and the README. They must still learn (end better than their first epoch) and be behind only
+# within the runs' spread (the 95% interval of the difference reaches 0), and a row that catches up must leave this
+# list. In the committed sweep resnet18 reached 1.00 in all 8 softmax runs; each row below had one or two runs a
+# training subject short (0.92; slice attention one at 0.75). The sweep before, on the same code, had only DX-Net
+# under logits behind. DX-Net's runs also lose to the dropout before its linear head (0.2 by default, as in GaNDLF's
+# imagenet_unet), which perturbs the train-mode predictions that GaNDLF's train accuracy counts; resnet18 has none.
+# `--one learning ARCH cls3d-logits-cel --repeats 16`: DX-Net 0.979 (13 of 16 runs at 1.00), with dropout 0 1.000.
+AT_THE_CEILING = "one or two of 8 runs a training subject short where resnet18 had none"
 BEHIND = {
-    ("cls3d-logits-cel", "dimlift_dxnet"): HEAD_DROPOUT,
+    ("cls3d-softmax-cel", "dimlift_dxnet"): AT_THE_CEILING + "; and the head's dropout",
+    ("cls3d-softmax-cel", "dimlift_slice_attention"): AT_THE_CEILING,
+    ("cls3d-softmax-cel", "dimlift_smp"): AT_THE_CEILING,
 }
 
 
@@ -76,6 +80,20 @@ def test_every_plugin_architecture_learns_at_least_as_well_as_gandlfs_builtin():
         for key in behind:
             curve = rows[key]["curve"]
             assert curve[-1] > curve[0], f"{name}: {key} does not learn: {curve}"
+            low, high = SCRIPT.difference_interval(rows[key]["runs"], reference["runs"])
+            assert high >= 0, f"{name}: {key} is behind beyond the runs' spread (95% interval [{low}, {high}])"
+
+
+def test_difference_interval_reaches_zero_only_within_the_spread():
+    assert SCRIPT.difference_interval([1.0] * 7 + [0.92], [1.0] * 8)[1] == 0
+    assert SCRIPT.difference_interval([0.92, 0.83, 1.0, 0.92] * 2, [1.0] * 8)[1] < 0
+
+
+def test_every_learning_row_records_its_held_out_metric_per_run():
+    for row in (r for r in DATA["learning"] if r["status"] == "pass"):
+        assert len(row["validation_runs"]) == len(row["runs"]), (row["architecture"], row["check"])
+        assert 0 <= min(row["validation_runs"]) and max(row["validation_runs"]) <= 1, row
+        assert row["validation"] == pytest.approx(sum(row["validation_runs"]) / len(row["runs"]), abs=1e-3), row
 
 
 def test_markdown_is_rendered_from_the_json():
