@@ -522,12 +522,12 @@ def render(data: dict) -> str:
     failures = [r for r in data["flows"] if r["status"] == "fail"]
     if failures:
         lines += ["", "Failures:", ""] + [f"- `{r['architecture']}` {r['flow']}: {r['message']}" for r in failures]
-    runs = sorted({len(r["runs"]) for r in data["learning"] if "runs" in r})
+    run_counts = sorted({len(r["runs"]) for r in data["learning"] if "runs" in r})
     lines += ["", "## Learning check", "",
               "Each row trains through `gandlf_run`, under the same config and on the same small synthetic set "
               "as GaNDLF's closest built-in (`LEARNING` in the script: ball present/absent for classification, "
               "ball masks for segmentation, random weights). The value is the last epoch's training metric, "
-              f"averaged over {' or '.join(map(str, runs))} runs (listed beside it; the curve is their mean per "
+              f"averaged over {' or '.join(map(str, run_counts))} runs (listed beside it; the curve is their mean per "
               "epoch; seconds per run), and its difference from the built-in's with a 95% bootstrap interval over the "
               "runs. Beside it, not compared: the mean of the last epoch's validation metric on the quarter of the "
               "subjects that each run holds out.", ""]
