@@ -158,12 +158,13 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
     if lifts:
         model.dimension = 3  # the lifted copy's forward (and the lift's check pass) take (B, C, X, Y, Z)
         model = architecture.lift(model, spec, options)
+    parts = architecture.parts(model) if architecture.parts else None
     if source.dimension == 3:
-        transferred = weights.transfer(model, source, architecture.parts(model), key, accepts)
-    if source.tag is None and source.file is None and architecture.parts is not None:
-        renormalize_a_random_start(model.get_submodule(architecture.parts(model).encoder), key)
-    if spec.problem_type == "segmentation" and architecture.parts and not weights.loaded_output_layer(transferred):
-        start_at_label_prior(model, architecture.parts(model).head, spec, parameters, key)
+        transferred = weights.transfer(model, source, parts, key, accepts)
+    if source.tag is None and source.file is None and parts is not None:
+        renormalize_a_random_start(model.get_submodule(parts.encoder), key)
+    if spec.problem_type == "segmentation" and parts is not None and not weights.loaded_output_layer(transferred):
+        start_at_label_prior(model, parts.head, spec, parameters, key)
     # GaNDLF accepts only batch and instance for these architectures; an encoder keeps its pretrained norms
     instance_norms = any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules())
     if spec.norm_type == "instance" and not instance_norms:
