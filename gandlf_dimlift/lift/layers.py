@@ -203,10 +203,15 @@ def lift_batchnorm(m: nn.BatchNorm2d, spec: LiftSpec, path: str,
     if cls is None:
         cls = BatchNormAct3d if type(m) is not nn.BatchNorm2d else nn.BatchNorm3d
     new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-    if hasattr(m, "act"):
-        new.drop, new.act = m.drop, m.act
+    keep_activation(new, m)
     new.load_state_dict(m.state_dict())
     return _like(new, m)
+
+
+def keep_activation(new: nn.Module, old: nn.Module) -> None:
+    """A norm that replaces timm's norm-and-activation layer keeps its `drop` and `act` children."""
+    if hasattr(old, "act"):
+        new.drop, new.act = old.drop, old.act
 
 
 def lift_instancenorm(m: nn.InstanceNorm2d, spec: LiftSpec, path: str) -> nn.Module:

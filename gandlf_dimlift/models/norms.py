@@ -37,7 +37,7 @@ from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from gandlf_dimlift.lift.convert import register
-from gandlf_dimlift.lift.layers import lift_batchnorm
+from gandlf_dimlift.lift.layers import keep_activation, lift_batchnorm
 from gandlf_dimlift.lift.ops import BatchNormAct3d
 from gandlf_dimlift.options import ConfigError
 
@@ -322,8 +322,7 @@ def renormalize_batch_norms(module: nn.Module, momentum: float | None = None,
                 child.num_features, child.eps, child.momentum if momentum is None else momentum, child.affine,
                 child.track_running_stats, device=child.weight.device if child.affine else None,
             )
-            if isinstance(renorm, _ThenAct):
-                renorm.drop, renorm.act = child.drop, child.act
+            keep_activation(renorm, child)
             renorm.load_state_dict(child.state_dict())
             renorm.start_from_first_batch = start_from_first_batch
             renorm.train(child.training)
