@@ -23,7 +23,7 @@ Usage::
     python scripts/conformance.py --render             # rebuild the markdown from the json
     python scripts/conformance.py --one learning dimlift_dxnet seg3d --work DIR --options '{"encoder_depth": 4}'
                                                        # one learning row with other plugin options, printed only
-                                                       # (--repeats N: N trainings a row instead of 3)
+                                                       # (--repeats N: N trainings instead of the check's)
 """
 
 from __future__ import annotations
@@ -336,22 +336,28 @@ class Learning:
     learning_rate: float
     batch_size: int
     shape: tuple[int, ...]
+    repeats: int  # gandlf_run trainings per row
+    margin: float  # how far behind the built-in a row may end: the rule below
 
+
+#: The rule a plugin row meets: its mean last-epoch training metric is at least the built-in's, or, where it is
+#: lower, the 95% interval of the difference (`difference_interval`) stays above -margin. GaNDLF's runs are not
+#: deterministic, so a row is the mean of several, listed beside it. Classification's accuracy sits at 1.00 and moves in
+#: steps of one of the 12 training subjects: there one run a subject short decides a mean (two sweeps of the same code
+#: at 8 runs put different rows behind by such a run, each interval reaching 0, and GaNDLF's resnet18 itself ends
+#: a subject short in some runs). Its margin is that one subject, and 16 runs narrow the interval. Segmentation's Dice
+#: is not at a ceiling (GaNDLF's unet on seg2d ended at 0.80-0.87 in single runs): margin 0, the mean decides.
+ONE_OF_12_SUBJECTS = 1 / 12
 
 LEARNING: dict[str, Learning] = {
     # batch 2: at batch 1 DX-Net's 1-voxel bottleneck at 32^3 is refused (the flows check batch 1 and its refusal)
     "cls3d-softmax-cel": Learning("classification", 3, "resnet18", "softmax", "train_accuracy", 16, 6, 5e-4, 2,
-                                  (32, 32, 32)),
+                                  (32, 32, 32), 16, ONE_OF_12_SUBJECTS),
     "cls3d-logits-cel": Learning("classification", 3, "resnet18", "logits", "train_accuracy", 16, 6, 5e-4, 2,
-                                 (32, 32, 32)),
-    "seg3d": Learning("segmentation", 3, "unet", "softmax", "train_dice", 10, 4, 1e-3, 2, (32, 32, 32)),
-    "seg2d": Learning("segmentation", 2, "unet", "softmax", "train_dice", 10, 4, 1e-3, 2, (64, 64)),
+                                 (32, 32, 32), 16, ONE_OF_12_SUBJECTS),
+    "seg3d": Learning("segmentation", 3, "unet", "softmax", "train_dice", 10, 4, 1e-3, 2, (32, 32, 32), 8, 0.0),
+    "seg2d": Learning("segmentation", 2, "unet", "softmax", "train_dice", 10, 4, 1e-3, 2, (64, 64), 8, 0.0),
 }
-
-#: gandlf_run trainings per row: GaNDLF's runs are not deterministic (GaNDLF's unet on seg2d ended at 0.80-0.87
-#: in single runs of the same config), so a row is the mean of several and the runs are listed beside it. Eight:
-#: with three, one run a subject short (0.92, which GaNDLF's resnet18 also ends at in 1 of 8 runs) decided a row.
-REPEATS = 8
 
 #: Plugin options of the learning rows (random weights: no hub), the smallest sensible network of each family.
 LEARNING_OPTIONS: dict[str, dict[str, Any]] = {
@@ -364,12 +370,13 @@ LEARNING_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_learning(architecture: str, check: str, work: Path) -> dict[str, Any]:
-    """Trains `architecture` on the check's task with `gandlf_run` REPEATS times; returns the mean of the last
-    epoch's training metric, each run's, and the mean curve."""
+def run_learning(architecture: str, check: str, work: Path, repeats: int | None = None) -> dict[str, Any]:
+    """Trains `architecture` on the check's task with `gandlf_run` `repeats` times (default: the check's); returns
+    the mean of the last epoch's training metric, each run's, and the mean curve."""
     from gandlf_dimlift.synthetic import make_config, write_config, write_dataset
 
     spec = LEARNING[check]
+    repeats = repeats or spec.repeats
     data = work.parent / f"data_{check}"  # shared by the check's rows, which the sweep keeps under one folder
     if not data.exists():
         write_dataset(data, spec.task, n_subjects=spec.subjects, shape=spec.shape, seed=1)
@@ -387,7 +394,7 @@ def run_learning(architecture: str, check: str, work: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"architecture": architecture, "check": check, "metric": spec.metric}
     curves, held_out, start = [], [], time.time()
     validation_metric = spec.metric.replace("train_", "val_", 1)
-    for run in range(REPEATS):
+    for run in range(repeats):
         output = work / f"model_{run}"
         command = [str(Path(sys.executable).parent / "gandlf_run"), "-c", str(path), "-i",
                    str(data / f"{spec.task}.csv"), "-m", str(output), "-t", "True", "-rt", "True", "-d", "cpu"]
@@ -403,7 +410,7 @@ def run_learning(architecture: str, check: str, work: Path) -> dict[str, Any]:
     mean_curve = [sum(values) / len(values) for values in zip(*curves, strict=True)]
     row.update(status="pass", value=round(mean_curve[-1], 4), runs=[round(c[-1], 4) for c in curves],
                curve=[round(v, 4) for v in mean_curve], validation=round(sum(held_out) / len(held_out), 4),
-               validation_runs=[round(v, 4) for v in held_out], seconds=round((time.time() - start) / REPEATS, 1))
+               validation_runs=[round(v, 4) for v in held_out], seconds=round((time.time() - start) / repeats, 1))
     return row
 
 
@@ -487,6 +494,15 @@ def difference_interval(runs: list[float], reference: list[float], resamples: in
     return round(float(low), 3), round(float(high), 3)
 
 
+def learning_verdict(row: dict, reference: dict, margin: float) -> str:
+    """Where a plugin row stands under the learning check's rule (see ONE_OF_12_SUBJECTS): "at least level" with
+    the built-in, "within the margin", or "behind"."""
+    if row["value"] >= reference["value"]:
+        return "at least level"
+    low, _ = difference_interval(row["runs"], reference["runs"])
+    return "within the margin" if low >= -margin else "behind"
+
+
 def _version(name: str) -> str:
     from importlib.metadata import version
 
@@ -529,14 +545,17 @@ def render(data: dict) -> str:
               "ball masks for segmentation, random weights). The value is the last epoch's training metric, "
               f"averaged over {' or '.join(map(str, run_counts))} runs (listed beside it; the curve is their mean per "
               "epoch; seconds per run), and its difference from the built-in's with a 95% bootstrap interval over the "
-              "runs. Beside it, not compared: the mean of the last epoch's validation metric on the quarter of the "
-              "subjects that each run holds out.", ""]
+              "runs. A plugin row meets the check when its value is at least the built-in's or, where lower, the "
+              "interval stays above minus the check's margin: one of the 12 training subjects for classification, "
+              "whose accuracy sits at 1.00 where one run a subject short decides a mean; 0 for segmentation "
+              "(`ONE_OF_12_SUBJECTS` in the script). Beside it, not compared: the mean of the last epoch's "
+              "validation metric on the quarter of the subjects that each run holds out.", ""]
     checks = [c for c in LEARNING if any(r["check"] == c for r in data["learning"])]
     for check in checks:
         spec = LEARNING[check]
         lines += [f"**{check}** ({spec.task} {spec.dimension}D, {spec.subjects} subjects of "
                   f"{' x '.join(map(str, spec.shape))}, final_layer {spec.final_layer}, batch_size "
-                  f"{spec.batch_size}, {spec.epochs} epochs, lr {spec.learning_rate}):", "",
+                  f"{spec.batch_size}, {spec.epochs} epochs, lr {spec.learning_rate}; margin {spec.margin:.3f}):", "",
                   f"| architecture | {spec.metric} (last epoch) | runs | difference (95% interval) | per epoch | "
                   "validation | seconds |", "|---|---|---|---|---|---|---|"]
         rows = [r for r in data["learning"] if r["check"] == check]
@@ -547,8 +566,9 @@ def render(data: dict) -> str:
             if row["status"] == "pass" and reference is not None and row is not reference:
                 low, high = difference_interval(row["runs"], reference["runs"])
                 difference = f"{row['value'] - reference['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
-                if row["value"] < reference["value"]:
-                    value += f" (behind `{spec.reference}`)"
+                verdict = learning_verdict(row, reference, spec.margin)
+                if verdict != "at least level":
+                    value += f" ({verdict})" if verdict != "behind" else f" (**behind** `{spec.reference}`)"
             curve = ", ".join(f"{v:.2f}" for v in row.get("curve", []))
             runs = ", ".join(f"{v:.2f}" for v in row.get("runs", []))
             held_out = f"{row['validation']:.3f}" if "validation" in row else "–"
@@ -559,7 +579,6 @@ def render(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global REPEATS  # --repeats
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated architecture keys")
     parser.add_argument("--flows", help="comma-separated flow names")
@@ -572,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", type=json.loads, metavar="JSON",
                         help="with --one learning: the plugin's model options instead of LEARNING_OPTIONS'")
     parser.add_argument("--repeats", type=int, metavar="N",
-                        help=f"with --one learning: N gandlf_run trainings instead of {REPEATS}")
+                        help="with --one learning: N gandlf_run trainings instead of the check's")
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -580,10 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         args.work.mkdir(parents=True, exist_ok=True)
         if args.options is not None:
             LEARNING_OPTIONS[architecture] = args.options
-        if args.repeats is not None:
-            REPEATS = args.repeats
         row = run_flow(architecture, name, args.data, args.work) if kind == "flow" else run_learning(
-            architecture, name, args.work)
+            architecture, name, args.work, args.repeats)
         print("\nRESULT " + json.dumps(row), flush=True)
         return 0
     if args.render:
