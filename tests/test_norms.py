@@ -11,7 +11,7 @@ from gandlf_dimlift.models.norms import BatchRenorm3d, renormalize_a_random_star
 def test_a_random_starts_first_training_batch_sets_the_running_statistics():
     """A random start's running statistics (0 and 1) are replaced by its first training batch's, which that batch
     is normalised with (from 8 values per channel on); later batches update them at the momentum. Renormalised
-    norms without the flag (slice attention's from pretrained weights) keep the statistics they have."""
+    norms without the flag (slice attention's, whatever its weights) keep the statistics they have."""
     encoder = nn.Sequential(nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4))
     renormalize_a_random_start(encoder, "test")
     assert type(encoder[1]) is BatchRenorm3d and encoder[1].momentum == 0.1

@@ -312,16 +312,12 @@ def renorm_checkpoint_contexts(module: nn.Module) -> tuple[Any, Any]:
 def renormalize_batch_norms(module: nn.Module, momentum: float | None = None,
                             start_from_first_batch: bool = False) -> int:
     """Replaces every `nn.BatchNorm2d` and `nn.BatchNorm3d` (and timm's `BatchNormAct2d`, `BatchNormAct3d`) inside
-    `module` by its `BatchRenorm` with the same state (and `momentum`, `start_from_first_batch` when given), and gives
-    those settings to the `BatchRenorm`s it already holds; returns how many it replaced or set."""
+    `module` by its `BatchRenorm` with the same state (and `momentum`, `start_from_first_batch` when given);
+    returns how many."""
     replaced = 0
     for name, child in list(module.named_children()):
         renorm_class = _RENORMS.get(type(child))
-        if isinstance(child, BatchRenorm):  # renormalised already (slice attention's encoder): the new settings
-            child.momentum = child.momentum if momentum is None else momentum
-            child.start_from_first_batch = start_from_first_batch
-            replaced += 1
-        elif renorm_class is not None:
+        if renorm_class is not None:
             renorm = renorm_class(
                 child.num_features, child.eps, child.momentum if momentum is None else momentum, child.affine,
                 child.track_running_stats, device=child.weight.device if child.affine else None,
