@@ -60,6 +60,7 @@ def test_every_plugin_architecture_learns_at_least_as_well_as_gandlfs_builtin():
         assert reference["status"] == "pass" and reference["value"] > 0.6, f"{name}: the built-in did not learn"
         assert all(rows[k]["status"] == "pass" for k in expected), (name, [rows[k] for k in expected])
         assert {len(rows[k]["runs"]) for k in expected | {check.reference}} == {check.repeats}, name
+        assert all(rows[k]["curve"][-1] > rows[k]["curve"][0] for k in expected), f"{name}: a row does not learn"
         verdicts = {k: SCRIPT.learning_verdict(rows[k], reference, check.margin) for k in expected}
         behind = {k: (rows[k]["value"], SCRIPT.difference_interval(rows[k]["runs"], reference["runs"]))
                   for k, verdict in verdicts.items() if verdict == "behind"}
