@@ -494,13 +494,13 @@ def difference_interval(runs: list[float], reference: list[float], resamples: in
     return round(float(low), 3), round(float(high), 3)
 
 
-def learning_verdict(row: dict, reference: dict, margin: float) -> str:
+def learning_verdict(row: dict, reference: dict, margin: float) -> tuple[str, tuple[float, float]]:
     """Where a plugin row stands under the learning check's rule (see ONE_OF_12_SUBJECTS): "at least level" with
-    the built-in, "within the margin", or "behind"."""
+    the built-in, "within the margin", or "behind"; and the difference's interval it was judged on."""
+    low, high = difference_interval(row["runs"], reference["runs"])
     if row["value"] >= reference["value"]:
-        return "at least level"
-    low, _ = difference_interval(row["runs"], reference["runs"])
-    return "within the margin" if low >= -margin else "behind"
+        return "at least level", (low, high)
+    return ("within the margin" if low >= -margin else "behind"), (low, high)
 
 
 def _version(name: str) -> str:
@@ -564,9 +564,8 @@ def render(data: dict) -> str:
             value = f"{row['value']:.3f}" if row["status"] == "pass" else "**FAIL**"
             difference = "–"
             if row["status"] == "pass" and reference is not None and row is not reference:
-                low, high = difference_interval(row["runs"], reference["runs"])
+                verdict, (low, high) = learning_verdict(row, reference, spec.margin)
                 difference = f"{row['value'] - reference['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
-                verdict = learning_verdict(row, reference, spec.margin)
                 if verdict != "at least level":
                     value += f" ({verdict})" if verdict != "behind" else f" (**behind** `{spec.reference}`)"
             curve = ", ".join(f"{v:.2f}" for v in row.get("curve", []))
