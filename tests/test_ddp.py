@@ -157,8 +157,8 @@ def test_gandlf_trainer_trains_a_plugin_model_with_lightning_ddp_on_two_cpu_proc
     assert checks["0"].startswith("gandlf_dimlift.models.smp.SmpModel")
     assert checks["0"] == checks["1"], f"parameters differ between ranks after DDP training: {checks}"
     # Each rank trained on different images (different local losses), so equal parameters mean synced gradients.
-    # Compared at full precision: GaNDLF's logs round to 4 decimals, and from the output layer's label-share start
-    # one epoch's loss of the same subject under the two ranks' ramps once agreed to all 4 (a CI rehearsal).
+    # Compared at full precision: GaNDLF's logs round to 4 decimals, and the two ranks' one-epoch losses once agreed
+    # to all 4 (a CI rehearsal; both 0.4954).
     losses = {rank: [float(v) for v in re.findall(rf"DDP-LOSS rank={rank} step=\d+ loss=([-+.\deE]+\d)", output)]
               for rank in "01"}
     assert losses["0"] and len(losses["0"]) == len(losses["1"]), output[-3000:]
