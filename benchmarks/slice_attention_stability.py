@@ -9,6 +9,11 @@ batch-norm buffers (running statistics) and the old weights: if that alone moves
 swing, the running-statistics update caused it. The `resnet18` row is GaNDLF's own 3D resnet18 under the same
 config, for comparison.
 
+`--train-positives K` puts K class-1 subjects among the 6 training subjects (3, the default, is the first-half
+split). `gandlf_run` given one CSV draws its own split: GaNDLF 0.1.5 shuffles the table (unseeded) and, unless
+`nested_training: {proportional: true}` (its `stratified` key alone is overridden by `proportional`'s default), does
+not stratify, so 1 or 2 of 6 training subjects are positive in 28 % of the draws (hypergeometric).
+
 Example (the committed SLICE_ATTENTION_STABILITY.md)::
 
     python -m benchmarks.slice_attention_stability --seeds 8 --rows dimlift_slice_attention resnet18 \
@@ -67,21 +72,33 @@ def evaluate(model: torch.nn.Module, volumes: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def split(labels: torch.Tensor, train_positives: int) -> tuple[list[int], list[int]]:
+    """Training and validation subjects: the last `train_positives` of class 1 and the last of class 0 that make
+    half of the subjects train, the rest validate (3 positives: the second half trains, as in the committed table)."""
+    half = SUBJECTS // 2
+    if not 1 <= train_positives < half:
+        raise ValueError(f"--train-positives {train_positives}: choose 1 to {half - 1} (of {half} training subjects).")
+    positives = [i for i in range(SUBJECTS) if labels[i] == 1]
+    negatives = [i for i in range(SUBJECTS) if labels[i] == 0]
+    train = sorted(positives[len(positives) - train_positives:] + negatives[len(negatives) - (half - train_positives):])
+    return train, [i for i in range(SUBJECTS) if i not in train]
+
+
 def train_one(row: str, seed: int, final_layer: str, volumes: torch.Tensor, labels: torch.Tensor, epochs: int,
-              swing: float) -> dict[str, float]:
+              swing: float, train_positives: int = 3) -> dict[str, float]:
     """Trains one model; counts the swings and what caused them."""
     torch.manual_seed(seed)
     model = build(row, final_layer).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
-    half = SUBJECTS // 2
-    train_x, train_y = volumes[half:], labels[half:]
+    train, validation = split(labels, train_positives)
+    train_x, train_y, val_y = volumes[train], labels[train], labels[validation]
     buffers = {name for name, _ in model.named_buffers()}
     out = evaluate(model, volumes)
     gap = out[:, 1] - out[:, 0]
     counts = {"swings": 0, "by_statistics": 0, "by_weights": 0}
     val_losses = []
     for _ in range(epochs):
-        for i in torch.randperm(half).tolist():
+        for i in torch.randperm(len(train)).tolist():
             before = copy.deepcopy(model.state_dict())
             loss = F.cross_entropy(model(train_x[i:i + 1]), train_y[i:i + 1])
             optimizer.zero_grad()
@@ -99,10 +116,10 @@ def train_one(row: str, seed: int, final_layer: str, volumes: torch.Tensor, labe
                 counts["swings"] += 1
                 counts["by_statistics" if by_stats else "by_weights"] += 1
             gap = new_gap
-        val_losses.append(F.cross_entropy(out[:half], labels[:half]).item())
+        val_losses.append(F.cross_entropy(out[validation], val_y).item())
     return {
         **counts,
-        "val_accuracy": (out[:half].argmax(1) == labels[:half]).float().mean().item(),
+        "val_accuracy": (out[validation].argmax(1) == val_y).float().mean().item(),
         "largest_val_loss_rise": max((b - a for a, b in zip(val_losses, val_losses[1:], strict=False)), default=0.0),
     }
 
@@ -114,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--final-layers", nargs="+", default=["logits", "softmax"], choices=["logits", "softmax"])
     parser.add_argument("--swing", type=float, default=1.0, help="logits a subject's gap must move in one step")
+    parser.add_argument("--train-positives", type=int, nargs="+", default=[3],
+                        help="class-1 subjects among the 6 training subjects (3: the first-half split)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -121,14 +140,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     volumes, labels = load_data()
     lines = [
         f"Command: `python -m benchmarks.slice_attention_stability {' '.join(argv or sys.argv[1:])}`", "",
-        "| row | final layer | seed | swings | by running statistics | by weights | final val accuracy "
-        "| largest val loss rise |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | final layer | training positives | seed | swings | by running statistics | by weights "
+        "| final val accuracy | largest val loss rise |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, final_layer, seed in itertools.product(args.rows, args.final_layers, range(args.seeds)):
-        r = train_one(row, seed, final_layer, volumes, labels, args.epochs, args.swing)
-        lines.append(f"| {row} | {final_layer} | {seed} | {r['swings']} | {r['by_statistics']} | {r['by_weights']} "
-                     f"| {r['val_accuracy']:.2f} | {r['largest_val_loss_rise']:+.2f} |")
+    for positives in args.train_positives:
+        split(labels, positives)  # a bad count fails before any training
+    for positives, row, final_layer, seed in itertools.product(args.train_positives, args.rows, args.final_layers,
+                                                               range(args.seeds)):
+        r = train_one(row, seed, final_layer, volumes, labels, args.epochs, args.swing, positives)
+        lines.append(f"| {row} | {final_layer} | {positives} | {seed} | {r['swings']} | {r['by_statistics']} "
+                     f"| {r['by_weights']} | {r['val_accuracy']:.2f} | {r['largest_val_loss_rise']:+.2f} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     if args.out:

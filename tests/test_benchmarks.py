@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import (
     compare,
@@ -486,21 +487,33 @@ def test_slice_attention_stability_attributes_every_swing() -> None:
     rows = _stability_rows(table)
     assert [row[0] for row in rows] == ["dimlift_slice_attention", "resnet18"], table
     for row in rows:
-        swings, by_statistics, by_weights = (int(value) for value in row[3:6])
+        swings, by_statistics, by_weights = (int(value) for value in row[4:7])
         assert swings > 0, table  # at a 0.05-logit threshold some step always moves a subject
         assert swings == by_statistics + by_weights, table
-        assert 0.0 <= float(row[6]) <= 1.0, table
+        assert 0.0 <= float(row[7]) <= 1.0, table
 
 
-def test_committed_stability_table_covers_both_final_layers() -> None:
+def test_stability_splits_hold_the_asked_class_balance() -> None:
+    labels = torch.tensor([i % 2 for i in range(slice_attention_stability.SUBJECTS)])  # write_dataset's classes
+    for positives in (1, 2, 3, 5):
+        train, validation = slice_attention_stability.split(labels, positives)
+        assert len(train) == len(validation) == len(labels) // 2 and not set(train) & set(validation)
+        assert int(labels[train].sum()) == positives
+    assert slice_attention_stability.split(labels, 3)[0] == list(range(6, 12))  # the first-half split
+    with pytest.raises(ValueError, match="choose 1 to 5"):
+        slice_attention_stability.split(labels, 6)
+
+
+def test_committed_stability_table_covers_both_final_layers_and_splits() -> None:
     table = (Path(__file__).parents[1] / "benchmarks" / "SLICE_ATTENTION_STABILITY.md").read_text()
     assert table.startswith("Command: `python -m benchmarks.slice_attention_stability")
     rows = _stability_rows(table)
-    assert {tuple(row[:3]) for row in rows} == {
-        (r, f, str(s)) for r in ("dimlift_slice_attention", "resnet18") for f in ("logits", "softmax") for s in range(8)
+    assert {tuple(row[:4]) for row in rows} == {
+        (r, f, str(k), str(s)) for r in ("dimlift_slice_attention", "resnet18") for f in ("logits", "softmax")
+        for k in (3, 2, 1) for s in range(8)
     }
     for row in rows:
-        assert int(row[3]) == int(row[4]) + int(row[5]), row
+        assert int(row[4]) == int(row[5]) + int(row[6]), row
 
 
 def test_slice_attention_learning_rows_get_gandlf_configs() -> None:
