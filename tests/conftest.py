@@ -55,7 +55,7 @@ def gandlf_env(**extra: str) -> dict[str, str]:
 
 def run_gandlf(
     config: dict | Path,
-    csv: Path,
+    csv: Path | str,
     model_dir: Path,
     train: bool = True,
     output_dir: Path | None = None,
