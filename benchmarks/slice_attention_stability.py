@@ -17,7 +17,7 @@ not stratify, so 1 or 2 of 6 training subjects are positive in 28 % of the draws
 Example (the committed SLICE_ATTENTION_STABILITY.md)::
 
     python -m benchmarks.slice_attention_stability --seeds 8 --rows dimlift_slice_attention resnet18 \
-        --out benchmarks/SLICE_ATTENTION_STABILITY.md
+        --train-positives 3 2 1 --out benchmarks/SLICE_ATTENTION_STABILITY.md
 """
 
 from __future__ import annotations
