@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 from conftest import run_gandlf
 
-from gandlf_dimlift.synthetic import make_config, write_dataset
+from benchmarks.slice_attention_learning import write_data
+from gandlf_dimlift.synthetic import make_config
 
 SUBJECTS = 12  # 6 train, 6 validation
-SHAPE = (32, 32, 32)
+SIZE = 32  # 32^3 volumes
 BAND = (12, 20)
 EPOCHS = 5
 LEARNING_RATE = 5e-4  # the issue's Adam learning rate
@@ -42,22 +43,6 @@ def training_log(model_dir: Path) -> dict[str, list[float]]:
                 for key in keys:
                     columns.setdefault(key, []).append(float(row[key]))
     return columns
-
-
-def first_half_split(csv_path: Path) -> str:
-    """gandlf_run's `-i` for a fixed split: a training CSV (second half) and a validation CSV (first half)."""
-    with open(csv_path) as handle:
-        reader = csv.DictReader(handle)
-        fields, rows = reader.fieldnames, list(reader)
-    paths = []
-    for name, part in (("training", rows[len(rows) // 2:]), ("validation", rows[:len(rows) // 2])):
-        path = csv_path.with_name(f"{name}.csv")
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(part)
-        paths.append(str(path))
-    return ",".join(paths)
 
 
 def train(architecture: str, final_layer: str, csv_path: str, model_dir: Path, options: dict) -> dict:
@@ -78,8 +63,8 @@ def train(architecture: str, final_layer: str, csv_path: str, model_dir: Path, o
 @pytest.mark.sweep
 @pytest.mark.parametrize("final_layer", ["softmax", "logits"])
 def test_slice_attention_learns_at_least_as_well_as_gandlf_resnet18(workdir: Path, final_layer: str) -> None:
-    csv_path = first_half_split(write_dataset(workdir / "data", "classification", SUBJECTS, SHAPE, seed=0,
-                                              signal_slices=BAND))
+    csvs = write_data(workdir / "data", SUBJECTS, SIZE, BAND, seed=0)  # the benchmark's first-half split
+    csv_path = f"{csvs['train']},{csvs['validation']}"  # gandlf_run's pre-split form: training,validation
     reference = train("resnet18", final_layer, csv_path, workdir / "resnet18", {})
     plugin = train("dimlift_slice_attention", final_layer, csv_path, workdir / "slice_attention", PLUGIN_OPTIONS)
     summary = f"resnet18 {reference}\nslice attention {plugin}"
