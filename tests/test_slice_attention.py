@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from gandlf_dimlift.models.norms import BatchRenorm2d
-from gandlf_dimlift.models.slice_attention import ARCHITECTURE, POOLED_NORM_KEY, SliceAttentionClassifier
+from gandlf_dimlift.models.slice_attention import (
+    ARCHITECTURE,
+    HEAD_SPEED,
+    POOLED_NORM_KEY,
+    POOLED_SCALE_KEY,
+    SliceAttentionClassifier,
+)
 from gandlf_dimlift.models.slice_pooling import POOLINGS
 from gandlf_dimlift.options import ConfigError
 
@@ -252,8 +258,8 @@ def test_pretrained_encoder_from_a_file(tmp_path: Path) -> None:
 def test_logits_stay_small_for_the_first_steps_under_softmax_and_cel(pooling: str) -> None:
     """GaNDLF's sample classification configs pair `final_layer: softmax` with `cel`, torch's cross-entropy of the
     model's output: softmax twice, whose gradient vanishes once the logits are a few units apart. The head starts
-    at zero and sees the pooled feature layer-normalised, so a few Adam steps (lr 5e-4, batch 1) move the logits
-    by about lr x features per step."""
+    at zero and sees the pooled feature layer-normalised at a root mean square of HEAD_SPEED / features, so a few
+    Adam steps (lr 5e-4, batch 1) move the logits by about lr x 80 per step."""
     from GANDLF.compute.loss_and_metric import global_losses_dict  # (GANDLF.losses alone: a circular import)
 
     model = build(pooling=pooling, encoder_depth=5).train()  # the default depth: 512 features
@@ -272,7 +278,7 @@ def test_logits_stay_small_for_the_first_steps_under_softmax_and_cel(pooling: st
         optimizer.step()
     assert torch.equal(logits[0], torch.zeros_like(logits[0]))  # the zero head: no initial preference
     gaps = [float((z[:, 1] - z[:, 0]).abs().max()) for z in logits]
-    # measured: at most 0.4 (before the fix, attention pooling: 0.7, 3.4, 4.8, 5.4)
+    # measured: at most 0.08 (unit-scale layer norm: 0.4; before the fix, attention pooling: 0.7, 3.4, 4.8, 5.4)
     assert max(gaps) < 1.0, f"logit gaps {gaps}: the doubled softmax saturates past a few units"
 
 
@@ -326,25 +332,53 @@ def test_batch_renorm_has_batch_norms_gradient_and_state() -> None:
     assert list(renorm.state_dict()) == list(reference.state_dict())
 
 
-def test_checkpoints_from_before_the_pooled_normalisation_load_as_trained(caplog: pytest.LogCaptureFixture) -> None:
-    """A checkpoint written before the pooled feature was layer-normalised has no such marker: it loads (strict,
-    as GaNDLF loads) and computes what it computed when it was trained, the head on the raw pooled feature."""
+def head_input(model: SliceAttentionClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The pooled feature of `x` before any normalisation."""
+    tokens = model.encode(model.slices(x, "z")).view(x.shape[0], x.shape[-1], -1)
+    return model.pooling(tokens)[0]
+
+
+@pytest.mark.parametrize("generation", ["raw", "unit scale"])
+def test_checkpoints_from_before_the_pooled_normalisation_or_its_scale_load_as_trained(
+        generation: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint written before the pooled feature was layer-normalised has neither marker, one written before
+    the normalised feature was scaled has no scale: each loads (strict, as GaNDLF loads) and computes what it
+    computed when it was trained, the head on the raw pooled feature or on its unit-scale layer norm."""
     trained = build(trained_head=True, final_layer="logits").eval()
-    old = {k: v for k, v in trained.state_dict().items() if k != POOLED_NORM_KEY}
+    dropped = {POOLED_NORM_KEY, POOLED_SCALE_KEY} if generation == "raw" else {POOLED_SCALE_KEY}
+    old = {k: v for k, v in trained.state_dict().items() if k not in dropped}
     restored = build(final_layer="logits").eval()
     with caplog.at_level("WARNING"):
         restored.load_state_dict(old)
-    assert "predates the layer normalisation" in caplog.text
-    assert not bool(getattr(restored, POOLED_NORM_KEY))
+    assert ("predates the layer normalisation" in caplog.text) == (generation == "raw")
+    assert ("predates the scale" in caplog.text) == (generation == "unit scale")
+    assert bool(getattr(restored, POOLED_NORM_KEY)) == (generation == "unit scale")
     x = torch.randn(SHAPE)
     with torch.no_grad():
-        tokens = restored.encode(restored.slices(x, "z")).view(2, SHAPE[-1], -1)
-        expected = restored.head(restored.pooling(tokens)[0])
+        pooled = head_input(restored, x)
+        if generation == "unit scale":
+            pooled = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        expected = restored.head(pooled)
         assert torch.allclose(restored(x), expected, atol=1e-5)
-        assert not torch.allclose(trained(x), expected, atol=1e-3)  # the current model normalises
+        assert not torch.allclose(trained(x), expected, atol=1e-3)  # the current model normalises and scales
     current = build(final_layer="logits")
     current.load_state_dict(trained.state_dict())
     assert bool(getattr(current, POOLED_NORM_KEY))
+    assert float(getattr(current, POOLED_SCALE_KEY)) == pytest.approx(HEAD_SPEED / current.features)
+
+
+@pytest.mark.parametrize("depth", [3, 5])
+def test_the_head_sees_the_pooled_feature_at_a_root_mean_square_that_shrinks_with_the_width(depth: int) -> None:
+    """Whatever the encoder's width (128 features at depth 3, 512 at 5), the head's input has a root mean square of
+    HEAD_SPEED / features, so a logit moves by about the same amount per Adam step."""
+    model = build(encoder_depth=depth, final_layer="logits").eval()
+    seen: list[torch.Tensor] = []
+    model.head.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randn(SHAPE))
+    rms = seen[0].pow(2).mean(-1).sqrt()
+    assert model.features == {3: 128, 5: 512}[depth]
+    assert torch.allclose(rms, torch.full_like(rms, HEAD_SPEED / model.features), rtol=1e-3)
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)

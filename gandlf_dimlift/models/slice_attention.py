@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLED_NORM_KEY = "pooled_feature_normalized"  # a checkpoint without this buffer predates the normalisation
+POOLED_SCALE_KEY = "pooled_feature_scale"  # a checkpoint without this buffer predates the scale (it had 1)
+# The layer-normalised pooled feature is scaled to a root mean square of HEAD_SPEED / features. Adam moves each
+# weight of the (zero-initialised) head by about lr per step, so a logit moves by at most about lr * HEAD_SPEED *
+# E|z| ~ lr * 80 per step whatever the encoder's width; at the unit scale (512 features) it moved about 5 times as
+# fast, and at batch_size 1 the validation loss jumped (docs/slice_attention.md, "Stability at batch_size 1").
+HEAD_SPEED = 100.0
 
 
 def _at_least(minimum: int, what: str):
@@ -149,10 +155,12 @@ class SliceAttentionClassifier(nn.Module):
         self.features = int(self.encoder.out_channels[-1])
         self.position = SlicePositionEncoding(self.features) if position_encoding else None
         self.pooling = make_pooling(pooling, self.features, heads=heads, hidden=attention_hidden)
-        # The head sees the pooled feature layer-normalised (without parameters of its own) and starts at zero:
-        # the logits then move by about lr * features per Adam step whatever the feature scale, so a softmax
-        # final layer does not saturate (GaNDLF's cel loss soft-maxes again) before the model has learned.
+        # The head sees the pooled feature layer-normalised (without parameters of its own) at a fixed scale and
+        # starts at zero: the logits then move at the same pace per Adam step whatever the encoder's feature scale
+        # and width (HEAD_SPEED), so a softmax final layer does not saturate (GaNDLF's cel loss soft-maxes again)
+        # before the model has learned, and one batch-1 step does not swing the logits.
         self.register_buffer(POOLED_NORM_KEY, torch.ones((), dtype=torch.bool))
+        self.register_buffer(POOLED_SCALE_KEY, torch.tensor(HEAD_SPEED / self.features))
         self.register_load_state_dict_pre_hook(_mark_checkpoints_without_pooled_norm)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.features, spec.n_outputs)
@@ -217,7 +225,7 @@ class SliceAttentionClassifier(nn.Module):
         if self.position is not None:
             sequence = self.position(sequence, runs)
         pooled, slice_weights = self.pooling(sequence)
-        normalized = nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        normalized = nn.functional.layer_norm(pooled, pooled.shape[-1:]) * getattr(self, POOLED_SCALE_KEY)
         pooled = torch.where(getattr(self, POOLED_NORM_KEY), normalized, pooled)  # no host synchronisation
         if self.training and torch.is_grad_enabled():
             self.encoder_steps_done += 1  # in place on the device: no synchronisation
@@ -244,13 +252,22 @@ def parts(model: SliceAttentionClassifier) -> weights.Parts:
 
 
 def _mark_checkpoints_without_pooled_norm(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Loads a checkpoint written before the pooled-feature normalisation as it was trained: without it."""
-    if prefix + POOLED_NORM_KEY not in state_dict and prefix + "head.weight" in state_dict:
+    """Loads a checkpoint written before the pooled-feature normalisation, or before its scale, as it was trained."""
+    if prefix + "head.weight" not in state_dict:
+        return
+    if prefix + POOLED_NORM_KEY not in state_dict:
         logger.warning(
             "%s: this checkpoint predates the layer normalisation of the pooled slice feature; it is loaded as it "
             "was trained (without it). Retrain to get the normalisation.", KEY,
         )
         state_dict[prefix + POOLED_NORM_KEY] = torch.zeros((), dtype=torch.bool)
+    if prefix + POOLED_SCALE_KEY not in state_dict:
+        if state_dict[prefix + POOLED_NORM_KEY]:
+            logger.warning(
+                "%s: this checkpoint predates the scale of the pooled slice feature; it is loaded as it was trained "
+                "(at unit scale). Retrain to get the steadier scale.", KEY,
+            )
+        state_dict[prefix + POOLED_SCALE_KEY] = torch.ones(())
 
 
 SMALL = {"pretrained": False, "encoder_depth": 3}  # the examples: random weights, a small encoder
