@@ -367,6 +367,20 @@ def test_checkpoints_from_before_the_pooled_normalisation_or_its_scale_load_as_t
     assert float(getattr(current, POOLED_SCALE_KEY)) == pytest.approx(HEAD_SPEED / current.features)
 
 
+def test_a_partial_load_of_the_head_keeps_the_current_normalisation_and_scale(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`weights.transfer` loads the head of a file that does not fit whole (e.g. another num_channels) with a
+    non-strict load of the head alone: that initialises the current model, it is not an old checkpoint."""
+    trained = build(trained_head=True, final_layer="logits")
+    model = build(final_layer="logits")
+    with caplog.at_level("WARNING"):
+        model.load_state_dict({"head.weight": trained.head.weight, "head.bias": trained.head.bias}, strict=False)
+    assert "predates" not in caplog.text
+    assert torch.equal(model.head.weight, trained.head.weight)
+    assert bool(getattr(model, POOLED_NORM_KEY))
+    assert float(getattr(model, POOLED_SCALE_KEY)) == pytest.approx(HEAD_SPEED / model.features)
+
+
 @pytest.mark.parametrize("depth", [3, 5])
 def test_the_head_sees_the_pooled_feature_at_a_root_mean_square_that_shrinks_with_the_width(depth: int) -> None:
     """Whatever the encoder's width (128 features at depth 3, 512 at 5), the head's input has a root mean square of

@@ -252,8 +252,11 @@ def parts(model: SliceAttentionClassifier) -> weights.Parts:
 
 
 def _mark_checkpoints_without_pooled_norm(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Loads a checkpoint written before the pooled-feature normalisation, or before its scale, as it was trained."""
-    if prefix + "head.weight" not in state_dict:
+    """Loads a checkpoint written before the pooled-feature normalisation, or before its scale, as it was trained.
+    Only whole checkpoints, with head and encoder: `weights.transfer` loads the head of a file that does not fit
+    whole on its own, to initialise the current model, whose normalisation and scale stay."""
+    whole = prefix + "head.weight" in state_dict and any(k.startswith(prefix + "encoder.") for k in state_dict)
+    if not whole:
         return
     if prefix + POOLED_NORM_KEY not in state_dict:
         logger.warning(
