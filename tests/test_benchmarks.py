@@ -492,6 +492,7 @@ def test_slice_attention_stability_attributes_every_swing() -> None:
         assert swings == by_statistics + by_weights, table
         assert 0.0 <= float(row[7]) <= 1.0, table
         assert float(row[9]) > 0.0, table  # a cross-entropy of 6 validation subjects after 2 epochs
+        assert row[10] in ("1", "2", "-"), table  # the first epoch with every training prediction right, if any
 
 
 def test_stability_splits_hold_the_asked_class_balance() -> None:
@@ -515,7 +516,8 @@ def test_committed_stability_table_covers_both_final_layers_and_splits() -> None
     }
     for row in rows:
         assert int(row[4]) == int(row[5]) + int(row[6]), row
-        assert len(row) == 10 and float(row[9]) > 0.0, row  # the final validation loss: how far a row commits
+        assert len(row) == 11 and float(row[9]) > 0.0, row  # the final validation loss: how far a row commits
+        assert row[10] in ("1", "2", "3", "4", "5", "-"), row  # how fast it starts: of the 5 epochs, or none
 
 
 def test_slice_attention_learning_rows_get_gandlf_configs() -> None:
