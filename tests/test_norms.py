@@ -36,3 +36,19 @@ def test_a_random_starts_first_training_batch_sets_the_running_statistics():
     renormalize_batch_norms(plain)
     with torch.no_grad():
         assert torch.allclose(plain(x), x / (1 + plain[0].eps) ** 0.5, atol=1e-5)  # at the statistics 0 and 1
+
+
+def test_an_encoder_its_model_renormalised_itself_gets_the_random_start_too():
+    """Slice attention renormalises its encoder whatever the weights; from random weights the builder then starts
+    those norms from the first batch's statistics, at the architecture's momentum."""
+    encoder = nn.Sequential(nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4))
+    renormalize_batch_norms(encoder)
+    renormalize_a_random_start(encoder, "test", momentum=0.03)
+    assert encoder[1].start_from_first_batch and encoder[1].momentum == 0.03
+    x = torch.randn(2, 4, 3, 3, 3) * 5 + 2
+    var, mean = torch.var_mean(x, dim=(0, 2, 3, 4), unbiased=True)
+    with torch.no_grad():
+        encoder[1](x)
+        encoder[1](x + 10)
+    assert torch.allclose(encoder[1].running_mean, mean + 0.3, atol=1e-5)  # 3 % of the way to mean + 10
+    assert torch.allclose(encoder[1].running_var, var, rtol=1e-4)

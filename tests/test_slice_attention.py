@@ -15,6 +15,7 @@ from gandlf_dimlift.models.slice_attention import (
     HEAD_SPEED,
     POOLED_NORM_KEY,
     POOLED_SCALE_KEY,
+    RANDOM_START_MOMENTUM,
     SliceAttentionClassifier,
 )
 from gandlf_dimlift.models.slice_pooling import POOLINGS
@@ -249,6 +250,30 @@ def test_pretrained_encoder_from_a_file(tmp_path: Path) -> None:
             assert torch.equal(loaded.encoder.state_dict()[name], tensor), (path.name, name)
     with pytest.raises(ConfigError, match="does not exist"):
         ARCHITECTURE(parameters=parameters(pretrained=str(tmp_path / "missing.pth")))
+
+
+def test_a_random_encoder_starts_its_statistics_from_its_first_batch_and_a_loaded_one_keeps_its_own(
+        tmp_path: Path) -> None:
+    """A random start's slice encoder (renormalised, as every slice encoder) normalises its first training batch by
+    that batch's own statistics, which become the running ones and then move at RANDOM_START_MOMENTUM; from 0 and 1
+    it learned later than GaNDLF's resnet18 at batch_size 1 (docs/slice_attention.md). Weights from a file keep
+    the file's statistics."""
+    model = build()
+    renorms = [m for m in model.encoder.modules() if isinstance(m, BatchRenorm2d)]
+    assert renorms and all(m.start_from_first_batch and m.momentum == RANDOM_START_MOMENTUM for m in renorms)
+    stem_input: list[torch.Tensor] = []
+    model.encoder.bn1.register_forward_pre_hook(lambda module, args: stem_input.append(args[0].detach()))
+    with torch.no_grad():
+        model.train()(3.0 * torch.randn(1, 1, 32, 32, 16) + 1.0)  # one volume: 16 slices
+    var, mean = torch.var_mean(stem_input[0], dim=(0, 2, 3), unbiased=True)
+    assert torch.allclose(model.encoder.bn1.running_mean, mean, atol=1e-5)
+    assert torch.allclose(model.encoder.bn1.running_var, var, rtol=1e-4)
+
+    encoder_file = tmp_path / "encoder.pth"
+    torch.save(model.encoder.state_dict(), encoder_file)
+    loaded = build(pretrained=str(encoder_file))
+    assert not any(m.start_from_first_batch for m in loaded.encoder.modules() if isinstance(m, BatchRenorm2d))
+    assert torch.equal(loaded.encoder.bn1.running_var, model.encoder.bn1.running_var)
 
 
 # --- training under GaNDLF's classification config (issue 12) --------------------------------------------------
@@ -539,7 +564,10 @@ def test_gandlf_run_trains_with_onnx_export_on(workdir: Path) -> None:
     csv = write_dataset(workdir / "data", "classification", 4, (32, 32, 32), seed=0)
     options = {"pretrained": False, "encoder_depth": 3, "pooling": "attention", "onnx_export": True}
     config = make_config("dimlift_slice_attention", "classification", model_options=options)
-    run_gandlf(config, csv, workdir / "model")
+    result = run_gandlf(config, csv, workdir / "model")
+    said = ("dimlift_slice_attention: random start: the encoder's 10 batch norms train with their running "
+            f"statistics (batch renormalisation, momentum {RANDOM_START_MOMENTUM})")
+    assert said in " ".join(result.stdout.split()), result.stdout[-3000:]
     exported = workdir / "model" / "dimlift_slice_attention_best.onnx"
     assert exported.exists(), sorted(p.name for p in (workdir / "model").iterdir())
     graph = onnx.load(str(exported))

@@ -52,15 +52,13 @@ def train(architecture: str, final_layer: str, csv_path: str, model_dir: Path, o
     return training_log(model_dir)
 
 
-# KNOWN TO FAIL sometimes (issue 12 stays open): the collapse to one constant output is gone (train accuracy reaches
-# 1.0 under both final layers in most runs), and since the head's input is scaled (2026-12-05) the validation loss
-# jumps far less often. On this fixed first-half split the test passed 6 runs of 8 (13 of the 16 cases); the 2 failed
-# cases whose output was kept failed to learn within 5 epochs at batch 1, not by a jump: slice attention's best train
-# accuracy was 0.83, and 0.5 in a softmax run that stayed at chance (train loss 0.706 -> 0.693), against resnet18's
-# 1.0. Before the scale it passed 10 runs of 12, failing the same way. With GaNDLF drawing the split from one CSV the
-# validation loss rose by 0.5 or more in 1 of 12 `logits` runs (the draw with 1 positive among the 6 training
-# subjects; before the scale 11 of 24). Not run by CI; docs/slice_attention.md has the figures, and `python -m
-# benchmarks.slice_attention_stability` shows the cause per split.
+# Was KNOWN TO FAIL sometimes: the collapse to one constant output is gone (train accuracy reaches 1.0 under both
+# final layers), since the head's input is scaled (2026-12-05) the validation loss jumps far less often, and since the
+# random encoder's running statistics start at its first batch's (momentum 0.03) it starts about as soon as resnet18.
+# On this fixed first-half split the test passed 4 runs of 4 (8 of 8 cases); before that start 6 runs of 8, the
+# failures being slow starts (slice attention's best train accuracy 0.83, and 0.5 in a softmax run that stayed at
+# chance) against resnet18's 1.0. Not run by CI; docs/slice_attention.md has the figures, and `python -m
+# benchmarks.slice_attention_stability` shows jumps and starts per split.
 @pytest.mark.slow
 @pytest.mark.sweep
 @pytest.mark.parametrize("final_layer", ["softmax", "logits"])

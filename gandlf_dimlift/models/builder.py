@@ -33,6 +33,7 @@ from gandlf_dimlift import messages, weights
 from gandlf_dimlift.models.common import ModelSpec
 from gandlf_dimlift.models.label_prior import start_at_label_prior
 from gandlf_dimlift.models.norms import (
+    RANDOM_START_MOMENTUM,
     check_input_reaches_the_head,
     check_single_sample_batches,
     renormalize_a_random_start,
@@ -67,6 +68,8 @@ class Architecture:
             parameters that never get a gradient; `(1, channels, *patch_size)` when None.
         smaller_bottleneck: How to make the deepest features larger, for the message that refuses a batch norm
             with one value per channel (e.g. "a smaller model.encoder_depth").
+        random_start_momentum: The momentum of the running statistics of an encoder with random weights, which
+            trains them renormalised from its first batch's (`norms.renormalize_a_random_start`).
     """
 
     key: str
@@ -81,6 +84,7 @@ class Architecture:
     check: Callable[..., None] | None = None
     probe_shape: Callable[[ModelSpec], tuple[int, ...]] | None = None
     smaller_bottleneck: str | None = None
+    random_start_momentum: float = RANDOM_START_MOMENTUM
 
     def resolve(self, model_section: Mapping[str, Any], dimension: int, problem_type: str) -> dict[str, Any]:
         """Validates a `model:` section against the declared options and returns every option's value.
@@ -162,7 +166,7 @@ def build(architecture: Architecture, parameters: dict[str, Any]) -> nn.Module:
     if source.dimension == 3:
         transferred = weights.transfer(model, source, parts, key, accepts)
     if source.tag is None and source.file is None and parts is not None:
-        renormalize_a_random_start(model.get_submodule(parts.encoder), key)
+        renormalize_a_random_start(model.get_submodule(parts.encoder), key, architecture.random_start_momentum)
     if spec.problem_type == "segmentation" and parts is not None and not weights.loaded_output_layer(transferred):
         start_at_label_prior(model, parts.head, spec, parameters, key)
     # GaNDLF accepts only batch and instance for these architectures; an encoder keeps its pretrained norms

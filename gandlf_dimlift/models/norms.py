@@ -339,17 +339,22 @@ def renormalize_batch_norms(module: nn.Module, momentum: float | None = None,
 RANDOM_START_MOMENTUM = 0.1
 
 
-def renormalize_a_random_start(encoder: nn.Module, architecture: str) -> None:
+def renormalize_a_random_start(encoder: nn.Module, architecture: str, momentum: float = RANDOM_START_MOMENTUM) -> None:
     """From random weights (`pretrained: false`) an encoder's batch norms train with their running statistics
-    (`BatchRenorm`) at torch's momentum, and the run says so. At GaNDLF's small batch sizes plain batch norms
-    normalise by the batch's one or two volumes in training but by the running statistics in evaluation. In the
-    learning check (batch 2, 8 gandlf_run trainings each, docs/conformance.md): DX-Net's classifier, whose
+    (`BatchRenorm`) at `momentum` (torch's by default), and the run says so. At GaNDLF's small batch sizes plain
+    batch norms normalise by the batch's one or two volumes in training but by the running statistics in evaluation.
+    In the learning check (batch 2, 8 gandlf_run trainings each, docs/conformance.md): DX-Net's classifier, whose
     EfficientNet renormalises at every stage with no residual path across stages, reached train accuracy 0.97 but
     validation accuracy 0.56; renormalised, 0.97 and 0.91. smp's resnet18 classifier went from train accuracy
     0.97 to 1.00. The first training batch sets the running statistics (0 and 1 are nothing like a random
     encoder's features): from 0 and 1, DX-Net's classifier rose slowly and ended at 0.95 (docs/dxnet.md). Weights
-    from a tag or a file keep plain batch norms with their trained statistics, as the papers fine-tune them."""
-    renormalized = renormalize_batch_norms(encoder, momentum=RANDOM_START_MOMENTUM, start_from_first_batch=True)
+    from a tag or a file keep plain batch norms with their trained statistics, as the papers fine-tune them. An
+    encoder that its model renormalised already, whatever its weights (slice attention's), gets the same start."""
+    renormalized = renormalize_batch_norms(encoder, momentum=momentum, start_from_first_batch=True)
+    for module in encoder.modules():
+        if isinstance(module, BatchRenorm) and not module.start_from_first_batch:
+            module.start_from_first_batch, module.momentum = True, momentum
+            renormalized += 1
     if renormalized:
         logger.info("%s: random start: the encoder's %d batch norms train with their running statistics (batch "
-                    "renormalisation, momentum %s).", architecture, renormalized, RANDOM_START_MOMENTUM)
+                    "renormalisation, momentum %s).", architecture, renormalized, momentum)

@@ -41,6 +41,11 @@ POOLED_SCALE_KEY = "pooled_feature_scale"  # a checkpoint without this buffer pr
 # E|z| ~ lr * 80 per step whatever the encoder's width; at the unit scale (512 features) it moved about 5 times as
 # fast, and at batch_size 1 the validation loss jumped (docs/slice_attention.md, "Stability at batch_size 1").
 HEAD_SPEED = 100.0
+# A random encoder's running statistics start at its first training batch's and then move at this momentum
+# (`norms.renormalize_a_random_start`). From 0 and 1 at torch's 0.1 (its features' variance is far below 1, so its
+# first epochs were hardly normalised) it learned later than GaNDLF's resnet18 at batch_size 1; from the first batch's
+# at 0.1 it started as soon but swung more (docs/slice_attention.md, "Starts at batch_size: 1").
+RANDOM_START_MOMENTUM = 0.03
 
 
 def _at_least(minimum: int, what: str):
@@ -147,10 +152,8 @@ class SliceAttentionClassifier(nn.Module):
         self.normalize = ImageNetNormalize() if imagenet_normalize else nn.Identity()
         encoder = build_encoder(encoder_name, weight_tag, encoder_depth)
         self.encoder = encoder if spec.in_channels in (1, 3) else adapt_input_channels(encoder, spec.in_channels)
-        # Renormalised whatever the weights; a random start's running statistics start at 0 and 1, not at the first
-        # batch's as the builder starts other random encoders (`norms.renormalize_a_random_start` finds no plain batch
-        # norm here): with the first batch's, `benchmarks.slice_attention_stability` at batch_size 1 (8 seeds) counted
-        # 53 swings instead of 26 under logits and 17 instead of 7 under softmax, and 3 more seeds ended below 1.00.
+        # Renormalised whatever the weights (at batch_size 1 a training batch is one volume's slices); a random start
+        # is started by the builder from its first batch's statistics, at RANDOM_START_MOMENTUM
         renormalize_batch_norms(self.encoder)
         self.features = int(self.encoder.out_channels[-1])
         self.position = SlicePositionEncoding(self.features) if position_encoding else None
@@ -318,6 +321,7 @@ ARCHITECTURE = Architecture(
     ),
     dimensions=(3,),
     problem_types=("classification", "regression"),
+    random_start_momentum=RANDOM_START_MOMENTUM,
     examples=(
         Example("classification", 3, {**SMALL, "pooling": "attention", "slice_chunk_size": 16}),
         Example("regression", 3, {**SMALL, "pooling": "gated", "slice_axis": "all",
